@@ -1,0 +1,40 @@
+# The two commands of the README:
+#   make demo   runs the main job on its bundled default
+#   make test   runs the test suite
+# Each creates the virtual environment .venv if there is none and installs the project.
+#
+# TORCH names the torch requirement installed first. The default, torch==2.13.0, is a
+# CPU wheel on this project's machines; installing it before the project keeps pip from
+# pulling a multi-gigabyte CUDA build to satisfy the plain `torch>=2.3` dependency.
+# Elsewhere, e.g.:  make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/layerwise demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,70 @@
+"""The ``layerwise`` command line.
+
+Every subcommand lives in :mod:`experiments.commands` as a module with
+``register(subparsers)`` (adds its parser and sets ``func``) and a ``run(args) -> int``.
+Errors a user can act on (``ValueError``, ``TypeError``, :class:`CLIError`) become one line
+on stderr and a non-zero exit code (2 for usage errors); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import CLIError
+
+__all__ = ["build_parser", "main"]
+
+#: Subcommand modules under experiments.commands, in the order ``--help`` lists them.
+COMMANDS = ("groups",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerwise",
+        description="Layer-wise learning rates for PyTorch: group, measure, adapt, ablate.",
+    )
+    parser.add_argument("--version", action="version", version=f"layerwise-lr {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback on errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"experiments.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("layerwise: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        if args.debug:
+            raise
+        code = getattr(exc, "exit_code", 2 if not isinstance(exc, CLIError) else 1)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"layerwise {args.command}: error: {message}", file=sys.stderr)
+        return code
+    except Exception as exc:  # an unexpected failure still prints one line
+        if args.debug:
+            raise
+        print(
+            f"layerwise {args.command}: error: {type(exc).__name__}: {exc} (rerun with --debug "
+            "for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
