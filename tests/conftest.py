@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+# The suite runs in two pytest-xdist workers on two cores; one intra-op thread per worker
+# avoids oversubscription, which makes tiny-model steps tens of times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():

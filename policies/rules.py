@@ -1,0 +1,335 @@
+"""Rules: how a :class:`~sensitivity.SensitivityReport` becomes per-group log-preferences.
+
+A rule works in two steps so that the controller can smooth and vet its inputs in between:
+
+1. ``measure(report)`` -> ``{group: {input: Measurement(log_value, rel_stderr)} or reason}``:
+   the positive quantities the rule reads, as natural logarithms, each with the relative
+   standard error of the quantity (by the delta method, the standard error of its log; 0 when
+   the report gives none, so the quantity is taken as exact). A group the rule cannot use gets a
+   string that says why; the controller keeps that group's previous multiplier.
+2. ``score(logs)`` -> the group's log-preference from its (smoothed) log inputs.
+
+The controller turns scores ``s_g`` into multipliers with :func:`normalise`:
+``m_g = exp(alpha * (s_g - s_bar))``, ``s_bar`` the parameter-weighted mean score, so the
+parameter-weighted geometric mean of the multipliers is 1 and the base schedule keeps its
+meaning. Every built-in rule is a power law in positive quantities, ``s_g = power * ±log q_g``:
+
+``curvature``    q = max(c_g, floor), c_g = hessian_trace / num_params; s = -log q, so
+                 ``m_g = (reference / q_g) ** alpha`` with the reference the weighted geometric
+                 mean. For a quadratic the stable step is ∝ 1/curvature (alpha = 1, a block
+                 Newton scaling); alpha = 1/2 is the square-root damping of adaptive methods.
+                 Floor rule: curvature at or below ``floor_level = floor * (weighted mean of the
+                 positive parts max(c, 0))`` is taken as ``floor_level``, so zero or negative
+                 curvature (concave blocks, saddles) gets the largest proposal, never a blow-up.
+                 The floor ignores negative values, which keeps the rule monotone (more
+                 curvature never raises a group's multiplier). All curvatures <= 0: uniform.
+                 ``floor = 0.01`` by default: a curvature under 1% of the mean is as good as
+                 zero for a multiplier that the bounds hold to a factor of a few, and the
+                 floor caps how far one such group can drag the reference of the others.
+``noise``        q = 1 + max(noise_to_signal, 0); s = -log q, so
+                 ``m_g ∝ (1 / (1 + noise_to_signal_g)) ** alpha``. This is both the signal
+                 fraction ``‖G‖² / (‖G‖² + tr Σ / B)`` of the expected squared mini-batch gradient
+                 and the optimal-rate ratio ``eps_opt(B) / eps_max = 1 / (1 + B_noise / B)`` of
+                 McCandlish et al. (2018, "An Empirical Model of Large-Batch Training", §2) with
+                 the simple noise scale ``B_noise = tr Σ / ‖G‖²``: alpha = 1 is their rate.
+                 Negative noise_to_signal (possible from unbiased two-batch estimates) is clipped
+                 at 0. ``B`` is the batch of the estimate: estimate with the training batch size.
+``trust_ratio``  q = param_norm / grad_norm; s = +log q: LARS (You et al. 2017), exactly its
+                 normalised ratio at alpha = 1. A zero norm leaves the ratio undefined (held).
+``uniform``      no inputs, s = 0: all ones (the control arm).
+
+Composition (``"curvature+noise"`` or a list) sums the scores, i.e. multiplies the multipliers,
+then renormalises. Rules are frozen dataclasses; ``RULES`` maps names to zero-argument factories,
+so adding an entry enrols the rule in the contract tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
+
+from sensitivity import GroupEstimate, SensitivityReport
+
+__all__ = [
+    "RULES",
+    "CompositeRule",
+    "CurvatureRule",
+    "Measurement",
+    "NoiseRule",
+    "Rule",
+    "TrustRatioRule",
+    "UniformRule",
+    "make_rule",
+    "normalise",
+]
+
+#: Log-multipliers are clipped to this magnitude before ``exp`` (far beyond any bound).
+LOG_CLIP = 700.0
+
+
+class Measurement(NamedTuple):
+    """A positive quantity as ``log_value`` with its relative standard error (>= 0, may be inf)."""
+
+    log_value: float
+    rel_stderr: float
+
+
+Measured = dict[str, dict[str, Measurement] | str]
+
+
+@runtime_checkable
+class Rule(Protocol):
+    """What the controller needs of a rule (see the module docstring)."""
+
+    name: str
+
+    def measure(self, report: SensitivityReport) -> Measured: ...
+
+    def score(self, logs: Mapping[str, float]) -> float: ...
+
+
+def _rel(stderr: float | None, value: float) -> float:
+    """Relative standard error ``stderr / |value|``: 0 when no (or zero) stderr is given."""
+    if stderr is None or stderr == 0:
+        return 0.0
+    if not math.isfinite(stderr) or value == 0:
+        return math.inf
+    return abs(stderr) / abs(value)
+
+
+def _check_power(power: float) -> None:
+    if isinstance(power, bool) or not isinstance(power, int | float):
+        raise TypeError(f"power must be a real number, got {power!r}")
+    if not (math.isfinite(power) and power >= 0):
+        raise ValueError(f"power must be finite and >= 0, got {power!r}")
+
+
+def _log_weighted_mean(logs: Sequence[float], weights: Sequence[float]) -> float:
+    """log of sum_i w_i exp(logs_i) / sum_i w_i, overflow-free (logs may hold -inf)."""
+    total = math.fsum(weights)
+    top = max(logs)
+    if top == -math.inf or total <= 0:
+        return -math.inf
+    acc = math.fsum(w * math.exp(x - top) for x, w in zip(logs, weights, strict=True))
+    return top + math.log(acc / total) if acc > 0 else -math.inf
+
+
+def _weights(groups: Sequence[GroupEstimate]) -> list[float]:
+    """Parameter counts; all ones when every count is 0 (equal weights)."""
+    w = [float(g.num_params) for g in groups]
+    return w if any(w) else [1.0] * len(w)
+
+
+@dataclass(frozen=True)
+class CurvatureRule:
+    """Smaller steps where the per-parameter Hessian trace is larger (module docstring)."""
+
+    power: float = 1.0
+    floor: float = 0.01
+    name: str = "curvature"
+
+    def __post_init__(self) -> None:
+        _check_power(self.power)
+        if not (isinstance(self.floor, int | float) and 0 < self.floor <= 1):
+            raise ValueError(f"floor must be in (0, 1], got {self.floor!r}")
+
+    def measure(self, report: SensitivityReport) -> Measured:
+        usable = [
+            g
+            for g in report
+            if g.hessian_trace is not None and g.num_params > 0 and math.isfinite(g.hessian_trace)
+        ]
+        logs = [math.log(g.curvature) if g.curvature > 0 else -math.inf for g in usable]
+        level = _log_weighted_mean(logs, _weights(usable)) if usable else -math.inf
+        log_floor = math.log(self.floor) + level if level > -math.inf else 0.0
+        usable_names = {g.group for g in usable}
+        out: Measured = {}
+        for g in report:
+            if g.group not in usable_names:
+                out[g.group] = "no finite hessian_trace (or no parameters) in the report"
+                continue
+            log_c = math.log(g.curvature) if g.curvature > 0 else -math.inf
+            rel = _rel(g.hessian_trace_stderr, g.hessian_trace)
+            out[g.group] = {"curvature": Measurement(max(log_c, log_floor), rel)}
+        return out
+
+    def score(self, logs: Mapping[str, float]) -> float:
+        return -self.power * logs["curvature"]
+
+
+@dataclass(frozen=True)
+class NoiseRule:
+    """Smaller steps where the gradient is mostly noise: q = 1 + noise_to_signal."""
+
+    power: float = 1.0
+    name: str = "noise"
+
+    def __post_init__(self) -> None:
+        _check_power(self.power)
+
+    def measure(self, report: SensitivityReport) -> Measured:
+        out: Measured = {}
+        for g in report:
+            nsr = g.noise_to_signal
+            if nsr is None or not math.isfinite(nsr):
+                out[g.group] = "no finite noise_to_signal in the report"
+                continue
+            nsr = max(nsr, 0.0)
+            # delta method: rel(nsr)^2 = rel(variance)^2 + (2 rel(grad_norm))^2
+            rel_v = _rel(g.grad_variance_stderr, g.grad_variance or 0.0)
+            rel_g = _rel(g.grad_norm_stderr, g.grad_norm or 0.0)
+            rel_nsr = math.hypot(rel_v, 2.0 * rel_g)
+            rel = 0.0 if nsr == 0 else (nsr / (1.0 + nsr)) * rel_nsr
+            out[g.group] = {"noise_factor": Measurement(math.log1p(nsr), rel)}
+        return out
+
+    def score(self, logs: Mapping[str, float]) -> float:
+        return -self.power * logs["noise_factor"]
+
+
+@dataclass(frozen=True)
+class TrustRatioRule:
+    """LARS: larger steps where the weights are large relative to their gradient."""
+
+    power: float = 1.0
+    name: str = "trust_ratio"
+
+    def __post_init__(self) -> None:
+        _check_power(self.power)
+
+    def measure(self, report: SensitivityReport) -> Measured:
+        out: Measured = {}
+        for g in report:
+            p, n = g.param_norm, g.grad_norm
+            if p is None or n is None or not (math.isfinite(p) and math.isfinite(n)):
+                out[g.group] = "no finite param_norm and grad_norm in the report"
+            elif p <= 0 or n <= 0:
+                out[g.group] = f"trust ratio undefined (param_norm {p:.4g}, grad_norm {n:.4g})"
+            else:
+                rel = _rel(g.grad_norm_stderr, n)  # param_norm is exact
+                out[g.group] = {"trust_ratio": Measurement(math.log(p) - math.log(n), rel)}
+        return out
+
+    def score(self, logs: Mapping[str, float]) -> float:
+        return self.power * logs["trust_ratio"]
+
+
+@dataclass(frozen=True)
+class UniformRule:
+    """All ones: no inputs, every score 0."""
+
+    name: str = "uniform"
+
+    def measure(self, report: SensitivityReport) -> Measured:
+        return {g.group: {} for g in report}
+
+    def score(self, logs: Mapping[str, float]) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class CompositeRule:
+    """The sum of its parts' scores (the product of their multipliers)."""
+
+    parts: tuple[Rule, ...]
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.parts]
+        if len(names) < 1 or len(set(names)) != len(names):
+            raise ValueError(f"rule parts must be at least one, without repeats, got {names}")
+
+    @property
+    def name(self) -> str:
+        return "+".join(p.name for p in self.parts)
+
+    def measure(self, report: SensitivityReport) -> Measured:
+        merged: Measured = {g.group: {} for g in report}
+        for part in self.parts:
+            for group, got in part.measure(report).items():
+                have = merged[group]
+                if isinstance(have, str):
+                    continue
+                if isinstance(got, str):
+                    merged[group] = f"{part.name}: {got}"
+                else:
+                    clash = sorted(set(have) & set(got))
+                    if clash:
+                        raise ValueError(f"rule parts share input names {clash}")
+                    have.update(got)
+        return merged
+
+    def score(self, logs: Mapping[str, float]) -> float:
+        return math.fsum(p.score(logs) for p in self.parts)
+
+
+#: Registry of rules by name: zero-argument factories.
+RULES: dict[str, Callable[[], Rule]] = {
+    "curvature": CurvatureRule,
+    "noise": NoiseRule,
+    "trust_ratio": TrustRatioRule,
+    "uniform": UniformRule,
+}
+
+
+def _one(spec: str | Rule) -> Rule:
+    if isinstance(spec, str):
+        if spec not in RULES:
+            raise ValueError(f"unknown rule {spec!r}; known rules are {sorted(RULES)}")
+        return RULES[spec]()
+    if isinstance(spec, Rule):
+        return spec
+    raise TypeError(f"rule must be a name, a Rule or a list of them, got {type(spec).__name__}")
+
+
+def make_rule(spec: str | Rule | Iterable[str | Rule]) -> Rule:
+    """A rule from a name (``"curvature"``), a composition (``"curvature+noise"`` or a list),
+    or a rule object.
+
+    >>> make_rule("curvature+noise").name
+    'curvature+noise'
+    """
+    if isinstance(spec, str):
+        parts = [s.strip() for s in spec.split("+")]
+    elif isinstance(spec, Rule):
+        return spec
+    elif isinstance(spec, Iterable):
+        parts = list(spec)
+    else:
+        raise TypeError(f"rule must be a name, a Rule or a list of them, got {spec!r}")
+    rules = [_one(p) for p in parts]
+    if not rules:
+        raise ValueError(f"rule must name at least one rule, got {spec!r}")
+    return rules[0] if len(rules) == 1 else CompositeRule(tuple(rules))
+
+
+def normalise(
+    scores: Mapping[str, float], weights: Mapping[str, float], alpha: float = 1.0
+) -> dict[str, float]:
+    """``exp(alpha * (s_g - s_bar))`` with ``s_bar = sum_g w_g s_g / sum_g w_g``: multipliers whose
+    ``weights``-weighted geometric mean is 1 (equal weights when all are 0). Log-multipliers are
+    clipped to ±``LOG_CLIP`` so that ``exp`` never overflows.
+
+    >>> normalise({"a": 0.0, "b": math.log(4.0)}, {"a": 1, "b": 1})
+    {'a': 0.5, 'b': 2.0}
+    """
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
+    names = list(scores)
+    if not names:
+        return {}
+    w = [float(weights[n]) for n in names]
+    if any(not (math.isfinite(x) and x >= 0) for x in w):
+        raise ValueError(f"weights must be finite and >= 0, got {dict(weights)}")
+    if not any(w):
+        w = [1.0] * len(w)
+    s = [float(scores[n]) for n in names]
+    if any(not math.isfinite(x) for x in s):
+        raise ValueError(f"scores must be finite, got {dict(scores)}")
+    mean = math.fsum(wi * si for wi, si in zip(w, s, strict=True)) / math.fsum(w)
+    out = {}
+    for n, si in zip(names, s, strict=True):
+        x = alpha * (si - mean)
+        out[n] = math.exp(min(max(x, -LOG_CLIP), LOG_CLIP)) if alpha else 1.0
+    return out
