@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/layerwise demo
+	$(VENV)/bin/layerwise ablate quickstart --out runs/quickstart --workers 2
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q

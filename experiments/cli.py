@@ -19,7 +19,7 @@ from .errors import CLIError
 __all__ = ["build_parser", "main"]
 
 #: Subcommand modules under experiments.commands, in the order ``--help`` lists them.
-COMMANDS = ("groups",)
+COMMANDS = ("groups", "analyze", "ablate", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Layer-wise learning rates for PyTorch: group, measure, adapt, ablate.",
     )
     parser.add_argument("--version", action="version", version=f"layerwise-lr {__version__}")
-    parser.add_argument(
-        "--debug", action="store_true", help="show the full traceback on errors"
-    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"experiments.commands.{name}").register(sub)

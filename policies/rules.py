@@ -33,7 +33,9 @@ meaning. Every built-in rule is a power law in positive quantities, ``s_g = powe
                  McCandlish et al. (2018, "An Empirical Model of Large-Batch Training", §2) with
                  the simple noise scale ``B_noise = tr Σ / ‖G‖²``: alpha = 1 is their rate.
                  Negative noise_to_signal (possible from unbiased two-batch estimates) is clipped
-                 at 0. ``B`` is the batch of the estimate: estimate with the training batch size.
+                 at 0; ``+inf`` (no signal detectable above the noise) is capped at ``NSR_CAP``,
+                 which gives the group the smallest step the bounds allow. ``B`` is the batch of
+                 the estimate: estimate with the training batch size.
 ``trust_ratio``  q = param_norm / grad_norm; s = +log q: LARS (You et al. 2017), exactly its
                  normalised ratio at alpha = 1. A zero norm leaves the ratio undefined (held).
 ``uniform``      no inputs, s = 0: all ones (the control arm).
@@ -173,10 +175,10 @@ class NoiseRule:
         out: Measured = {}
         for g in report:
             nsr = g.noise_to_signal
-            if nsr is None or not math.isfinite(nsr):
-                out[g.group] = "no finite noise_to_signal in the report"
+            if nsr is None or math.isnan(nsr) or nsr == -math.inf:
+                out[g.group] = "no usable noise_to_signal in the report"
                 continue
-            nsr = max(nsr, 0.0)
+            nsr = min(max(nsr, 0.0), NSR_CAP)
             # delta method: rel(nsr)^2 = rel(variance)^2 + (2 rel(grad_norm))^2
             rel_v = _rel(g.grad_variance_stderr, g.grad_variance or 0.0)
             rel_g = _rel(g.grad_norm_stderr, g.grad_norm or 0.0)
@@ -302,6 +304,10 @@ def make_rule(spec: str | Rule | Iterable[str | Rule]) -> Rule:
     if not rules:
         raise ValueError(f"rule must name at least one rule, got {spec!r}")
     return rules[0] if len(rules) == 1 else CompositeRule(tuple(rules))
+
+
+#: Largest noise_to_signal the noise rule uses; ``+inf`` (no detectable signal) maps here.
+NSR_CAP = 1e6
 
 
 def normalise(

@@ -6,7 +6,9 @@
   ``hessian_trace`` is possible (non-convex loss) and a negative ``grad_variance`` or
   ``noise_to_signal`` can come from unbiased two-batch estimators: the rules handle those. A
   non-finite *standard error* only makes the group's estimate untrusted (the controller keeps
-  its multiplier); it is not a fallback.
+  its multiplier); it is not a fallback. ``noise_to_signal = +inf`` is not a problem either:
+  the estimator reports it when the unbiased estimate of ‖G‖² is not positive, i.e. when no
+  signal is detectable above the sampling noise, a legitimate (and common) state of a group.
 * :class:`SpikeMonitor` -- a group's ``grad_norm`` above ``factor`` times its running average.
   The average is a bias-corrected EMA of ``log grad_norm`` (a geometric running mean: norms span
   orders of magnitude), fed after the check with the value winsorised at the spike threshold,
@@ -46,7 +48,12 @@ def report_problems(report: SensitivityReport) -> list[str]:
     """Why ``report`` is unhealthy, one line per group and kind (empty when healthy)."""
     problems = []
     for g in report:
-        bad = [f"{f}={getattr(g, f)!r}" for f in ESTIMATES if _nonfinite(getattr(g, f))]
+        bad = [
+            f"{f}={getattr(g, f)!r}"
+            for f in ESTIMATES
+            if _nonfinite(getattr(g, f))
+            and not (f == "noise_to_signal" and g.noise_to_signal == math.inf)
+        ]
         if bad:
             problems.append(f"non-finite estimate in group {g.group} ({', '.join(bad)})")
         neg = [f"{f}={getattr(g, f)!r}" for f in NONNEGATIVE if _negative(getattr(g, f))]
@@ -123,8 +130,14 @@ class SpikeMonitor:
 
     def load_state_dict(self, state: Any) -> None:
         loaded = _from_dict(SpikeMonitor, state, factor=self.factor, decay=self.decay)
+        if not isinstance(loaded.averages, dict):
+            raise ValueError(f"spike averages must be a mapping, got {loaded.averages!r}")
         for k, v in loaded.averages.items():
-            ok = isinstance(v, list) and len(v) == 2 and isinstance(v[1], int) and v[1] >= 1
+            if not isinstance(k, str):
+                raise ValueError(f"spike average group names must be strings, got {k!r}")
+            ok = isinstance(v, list) and len(v) == 2
+            ok = ok and isinstance(v[0], int | float) and not isinstance(v[0], bool)
+            ok = ok and isinstance(v[1], int) and not isinstance(v[1], bool) and v[1] >= 1
             if not (ok and math.isfinite(v[0])):
                 raise ValueError(f"spike average of group {k!r} must be [float, count>=1], got {v}")
         self.averages = {k: [float(v[0]), int(v[1])] for k, v in loaded.averages.items()}

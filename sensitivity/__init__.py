@@ -5,6 +5,35 @@ This package imports nothing else of the project. It takes a model, a loss funct
 ``{group name: [parameter names]}``.
 """
 
+from .errors import DoubleBackwardError
+from .estimate import estimate
+from .functional import FunctionalLoss, leaves_no_trace
+from .groups import GroupIndex, default_groups, resolve_groups
+from .hutchinson import hutchinson_samples, trace_estimate
+from .hvp import HessianProduct
+from .per_example import per_example_gradients
+from .probes import draw_probes, make_generator
 from .report import COLUMNS, EstimateCost, GroupEstimate, SensitivityReport
+from .two_batch import NoiseEstimate, two_batch_noise
 
-__all__ = ["COLUMNS", "EstimateCost", "GroupEstimate", "SensitivityReport"]
+__all__ = [
+    "COLUMNS",
+    "DoubleBackwardError",
+    "EstimateCost",
+    "FunctionalLoss",
+    "GroupEstimate",
+    "GroupIndex",
+    "HessianProduct",
+    "NoiseEstimate",
+    "SensitivityReport",
+    "default_groups",
+    "draw_probes",
+    "estimate",
+    "hutchinson_samples",
+    "leaves_no_trace",
+    "make_generator",
+    "per_example_gradients",
+    "resolve_groups",
+    "trace_estimate",
+    "two_batch_noise",
+]

@@ -1,0 +1,17 @@
+"""Bundled benchmark tasks (MNIST-1D, scikit-learn digits, transfer, a sequence task)."""
+
+from .base import Budget, Recipe, Splits, Task, accuracy, cross_entropy, holdout
+from .registry import TASKS, get_task, register_task
+
+__all__ = [
+    "TASKS",
+    "Budget",
+    "Recipe",
+    "Splits",
+    "Task",
+    "accuracy",
+    "cross_entropy",
+    "get_task",
+    "holdout",
+    "register_task",
+]

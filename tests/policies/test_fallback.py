@@ -3,6 +3,7 @@ back only after the cooldown and the hysteresis."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -202,3 +203,26 @@ def test_safety_states_reject_malformed_data():
         ValidationWatch("min", 1, 0.0).load_state_dict({"best": math.nan, "strikes": 0})
     with pytest.raises(ValueError, match="spike average"):
         SpikeMonitor(10.0, 0.9).load_state_dict({"averages": {"a": [0.0, 0]}})
+
+
+@pytest.mark.parametrize(
+    ("averages", "match"),
+    [
+        (5, "spike averages must be a mapping"),
+        ([["a", 1.0, 1]], "spike averages must be a mapping"),
+        ({"a": ["x", 1]}, "spike average of group 'a'"),
+        ({"a": [None, 1]}, "spike average of group 'a'"),
+        ({"a": [0.0, 1.5]}, "spike average of group 'a'"),
+        ({"a": [math.inf, 1]}, "spike average of group 'a'"),
+        ({3: [0.0, 1]}, "spike average group names must be strings"),
+    ],
+)
+def test_malformed_spike_state_is_a_value_error_and_changes_nothing(averages, match):
+    ctrl = SensitivityController()
+    ctrl.update(HEALTHY, step=1)
+    state = ctrl.state_dict()
+    before = copy.deepcopy(state)
+    state["spike"] = {"averages": averages}
+    with pytest.raises(ValueError, match=match):
+        ctrl.load_state_dict(state)
+    assert ctrl.state_dict() == before

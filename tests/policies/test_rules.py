@@ -306,3 +306,27 @@ def test_more_curvature_never_gives_a_larger_multiplier(case, alpha):
 def test_measurement_is_a_log_value_with_its_relative_stderr():
     m = Measurement(math.log(2.0), 0.1)
     assert m.log_value == math.log(2.0) and m.rel_stderr == 0.1
+
+
+def test_noise_rule_infinite_noise_to_signal_gets_the_smallest_step_without_fallback():
+    """+inf noise_to_signal (no detectable signal) is a state, not a failure: that group gets
+    the smallest multiplier and the controller does not fall back."""
+    from policies import SensitivityController
+    from sensitivity import GroupEstimate, SensitivityReport
+
+    def est(name, nsr):
+        return GroupEstimate(
+            name,
+            100,
+            param_norm=1.0,
+            grad_norm=0.5,
+            grad_norm_stderr=0.01,
+            grad_variance=0.1,
+            grad_variance_stderr=0.001,
+            noise_to_signal=nsr,
+        )
+
+    report = SensitivityReport([est("a", 0.5), est("b", float("inf"))])
+    decision = SensitivityController("noise").update(report, step=1)
+    assert not decision.fallback
+    assert decision.multipliers["b"] < decision.multipliers["a"]

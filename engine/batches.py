@@ -1,0 +1,80 @@
+"""Estimation batches drawn, one per recalibration, from an iterable given once.
+
+The iterable is cycled: when an iterator is exhausted, ``iter(batches)`` starts it again
+(a ``DataLoader`` then reshuffles as it would for a new epoch). The number of batches drawn
+is part of the engine's checkpoint; after a resume, the first draw re-creates the iterator
+and skips that many batches, so an iterable that yields the same sequence each time it is
+iterated anew continues exactly where it stopped. A sequence (list, tuple) is indexed, so
+nothing is replayed; any other iterable is replayed batch by batch, which for a shuffling
+``DataLoader`` also draws its shuffling seeds again: give such a loader its own
+``generator`` so that the replay does not consume the global random stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+__all__ = ["BatchSource"]
+
+
+class BatchSource:
+    """Cycle ``batches`` and count the draws.
+
+    >>> source = BatchSource([1, 2, 3])
+    >>> [source.next() for _ in range(4)], source.drawn
+    ([1, 2, 3, 1], 4)
+    >>> resumed = BatchSource([1, 2, 3]); resumed.drawn = 4
+    >>> resumed.next()
+    2
+    """
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):
+            raise TypeError(f"batches must be an iterable of batches, got {batches!r}")
+        if isinstance(batches, Iterator):
+            raise TypeError(
+                "batches must be re-iterable (a list, a DataLoader), not a one-shot iterator "
+                f"such as {type(batches).__name__}: it is cycled and replayed after a resume"
+            )
+        self.batches = batches
+        self.drawn = 0
+        self._iterator: Iterator[Any] | None = None
+        self._position = 0  # draws that the live iterator accounts for
+
+    def next(self) -> Any:
+        """The next batch; raises ``ValueError`` if the iterable yields nothing."""
+        if isinstance(self.batches, Sequence):
+            if len(self.batches) == 0:
+                raise ValueError("batches yielded no batch (an empty sequence)")
+            batch = self.batches[self.drawn % len(self.batches)]
+            self.drawn += 1
+            return batch
+        if self._iterator is None or self._position != self.drawn:
+            self._iterator = iter(self.batches)
+            self._position = 0
+            while self._position < self.drawn:
+                self._skip()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self._iterator = iter(self.batches)
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                raise ValueError("batches yielded no batch (an empty iterable)") from None
+        self.drawn += 1
+        self._position = self.drawn
+        return batch
+
+    def _skip(self) -> None:
+        assert self._iterator is not None
+        try:
+            next(self._iterator)
+        except StopIteration:
+            self._iterator = iter(self.batches)
+            try:
+                next(self._iterator)
+            except StopIteration:
+                raise ValueError("batches yielded no batch (an empty iterable)") from None
+        self._position += 1

@@ -1,0 +1,338 @@
+"""``LayerwiseOptimizer``: any torch optimizer, with per-group multipliers from a controller.
+
+The engine wraps the optimizer the user already has and delegates to it (``param_groups``,
+``state``, ``defaults``, ``zero_grad``, hooks are the base optimizer's own). Its logic sits
+around the base step:
+
+1. multiply ``group["lr"]`` by ``group["lr_multiplier"]`` (groups at exactly 1 skipped),
+   run the base step, restore the base rate bit for bit (:mod:`engine.multipliers`);
+2. count the step; after the ``s``-th step with ``s >= warmup_steps``,
+   ``(s - warmup_steps) % recalibrate_every == 0`` and ``s > 0``, recalibrate
+   (:mod:`engine.recalibration`) at the parameters just updated, on the batch given to
+   ``step(batch)`` or the next one of ``batches``; the new multipliers apply from the next
+   step on;
+3. with ``schedule``/``factors``, advance the engine's own :class:`policies.LayerwiseLR`.
+
+Outside ``step()``, ``group["lr"]`` is the base rate owned by the user's torch scheduler (or
+by ``schedule``/``factors``), so any ``LRScheduler`` composes unchanged; the engine is a
+``torch.optim.Optimizer`` by type only, so that torch schedulers accept it.
+
+A step skipped by ``torch.amp.GradScaler`` (infinite gradients) never reaches ``step()``:
+it is not counted, and a recalibration that falls due is made at the next step taken, on
+finite gradients. For base optimizers that handle scaling themselves (fused Adam/AdamW,
+``_step_supports_amp_scaling``), the scaler's ``found_inf`` is forwarded and a due
+recalibration is skipped when it is set. Without a scaler, non-finite gradients at a due
+recalibration skip it too. A skip keeps the multipliers and is logged in :attr:`history`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import BatchSource
+from .callbacks import as_callback
+from .checkpoint import ENGINE_KEY, pack_state, unpack_state
+from .history import History, check_path
+from .multipliers import (
+    MULTIPLIER_KEY,
+    apply_multipliers,
+    check_multiplier,
+    effective_lr,
+    restore_multipliers,
+)
+from .naming import name_groups
+from .options import check_count
+from .recalibration import Recalibrator
+
+__all__ = ["LayerwiseOptimizer"]
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Wrap ``optimizer``; apply and refresh per-group learning-rate multipliers.
+
+    Args:
+        optimizer: the base ``torch.optim.Optimizer`` (groups named by ``group["name"]``,
+            ``"group{i}"`` by default).
+        model, loss_fn: the model (DDP/compiled wrappers are unwrapped) and
+            ``loss_fn(model, batch) -> mean loss``; required with a ``controller``.
+        controller: a :class:`policies.SensitivityController` (or a rule name such as
+            ``"curvature"``, which builds one with default settings); ``None`` keeps every
+            multiplier at 1 (schedule/factors only).
+        recalibrate_every, warmup_steps: the recalibration interval and the steps before the
+            first one (see the module docstring).
+        batches: an iterable of estimation batches, drawn one per recalibration when
+            ``step()`` gets no batch.
+        estimator: keyword arguments for :func:`sensitivity.estimate` (e.g. ``probes``,
+            ``quantities``); the engine owns ``groups``, ``generator`` and ``seed``.
+        schedule, factors: a :class:`policies.Schedule` (or ``{group: Schedule}``) and
+            ``{group: factor}``, applied by an internal :class:`policies.LayerwiseLR` instead
+            of a torch scheduler: base rate ``initial_lr * factor * schedule(step)``.
+        history: a ``.csv`` or ``.parquet`` path the recalibration log is appended to.
+        callback: ``callback(decision, report, step)`` or a TensorBoard ``SummaryWriter``.
+        seed: seed of the probe generator (the same on every rank under DDP).
+
+    >>> net = nn.Linear(2, 1)
+    >>> base = torch.optim.SGD([{"params": net.parameters(), "name": "fc"}], lr=0.1)
+    >>> opt = LayerwiseOptimizer(base)
+    >>> base.param_groups[0]["lr_multiplier"] = 0.5  # as a recalibration would set it
+    >>> net(torch.ones(1, 2)).sum().backward()
+    >>> opt.step()
+    >>> base.param_groups[0]["lr"], opt.get_last_lr()
+    (0.1, {'fc': 0.05})
+
+    Typical use: ``LayerwiseOptimizer(base, model=net, loss_fn=loss_fn,
+    controller=SensitivityController("curvature"))`` and ``opt.step(batch)`` in the loop.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        model: nn.Module | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        controller: Any = None,
+        recalibrate_every: int = 100,
+        warmup_steps: int = 0,
+        batches: Iterable[Any] | None = None,
+        estimator: Mapping[str, Any] | None = None,
+        schedule: Any = None,
+        factors: Mapping[str, float] | None = None,
+        history: Any = None,
+        callback: Any = None,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(optimizer, LayerwiseOptimizer):
+            raise TypeError("optimizer is already a LayerwiseOptimizer; wrap the base optimizer")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {optimizer!r} "
+                f"({type(optimizer).__name__})"
+            )
+        self.base = optimizer
+        self.recalibrate_every = check_count("recalibrate_every", recalibrate_every, minimum=1)
+        self.warmup_steps = check_count("warmup_steps", warmup_steps, minimum=0)
+        check_count("seed", seed, minimum=0)
+        # Everything is checked before anything is written into the user's optimizer.
+        self._names = name_groups(optimizer.param_groups, assign=False)
+        multipliers = [
+            check_multiplier(f"param_groups[{i}]['{MULTIPLIER_KEY}']", g.get(MULTIPLIER_KEY, 1.0))
+            for i, g in enumerate(optimizer.param_groups)
+        ]
+        self._recalibrator = (
+            None
+            if controller is None
+            else Recalibrator(optimizer, model, loss_fn, controller, estimator, seed)
+        )
+        self._source = None if batches is None else BatchSource(batches)
+        if history is not None:
+            check_path(history)
+        self._callback = as_callback(callback, lrs=self.get_last_lr)
+        self._scheduler = self._make_scheduler(schedule, factors)  # checks, then sets rates
+        name_groups(optimizer.param_groups)
+        for group, m in zip(optimizer.param_groups, multipliers, strict=True):
+            group[MULTIPLIER_KEY] = m
+        self._history = History(history, write=_is_writer_rank())
+        self._step = 0
+        self._backups: dict[int, torch.Tensor] = {}
+
+    # -- delegation -------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.base.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.base.defaults
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        return bool(getattr(self.base, "_step_supports_amp_scaling", False))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.base.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.base.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        return self.base.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        return self.base.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> Any:
+        return self.base.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> Any:
+        return self.base.register_load_state_dict_post_hook(hook, prepend)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        every = self.recalibrate_every
+        return f"LayerwiseOptimizer(recalibrate_every={every}, base={self.base!r})"
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self, batch: Any = None, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One base step at the effective rates; then recalibrate when due.
+
+        ``batch`` is the estimation batch for a recalibration due after this step (any
+        other step ignores it; it takes precedence over ``batches=``). A callable passed
+        positionally is taken as the closure, as ``optimizer.step(closure)`` is written for
+        torch optimizers. Hooks registered on the base optimizer see the effective rates.
+        """
+        if closure is None and callable(batch):
+            batch, closure = None, batch
+        found_inf = self.__dict__.get("found_inf")
+        if found_inf is not None:  # forwarded from GradScaler for fused base optimizers
+            self.base.grad_scale = self.__dict__.get("grad_scale")  # type: ignore[attr-defined]
+            self.base.found_inf = found_inf  # type: ignore[attr-defined]
+        saved = apply_multipliers(self.base.param_groups, self._backups)
+        try:
+            loss = self.base.step() if closure is None else self.base.step(closure)
+        finally:
+            restore_multipliers(saved)
+            if found_inf is not None:
+                del self.base.grad_scale, self.base.found_inf  # type: ignore[attr-defined]
+        self._step += 1
+        if self._recalibrator is not None and self._due(self._step):
+            self._recalibrate(batch, found_inf)
+        if self._scheduler is not None:
+            self._scheduler.step()
+        return loss
+
+    def _due(self, s: int) -> bool:
+        return s >= self.warmup_steps and (s - self.warmup_steps) % self.recalibrate_every == 0
+
+    def _recalibrate(self, batch: Any, found_inf: torch.Tensor | None) -> None:
+        assert self._recalibrator is not None
+        if batch is None:
+            if self._source is None:
+                raise ValueError(
+                    f"batch: a recalibration is due after step {self._step} but step() got no "
+                    "batch and no batches= iterable was given; call step(batch)"
+                )
+            batch = self._source.next()
+        outcome = self._recalibrator.run(batch, self._step, found_inf)
+        self._history.record(outcome.rows)
+        if self._callback is not None and outcome.decision is not None:
+            self._callback(outcome.decision, outcome.report, self._step)
+
+    # -- the schedule hook ---------------------------------------------------------------
+    def _make_scheduler(self, schedule: Any, factors: Mapping[str, float] | None) -> Any:
+        if schedule is None and factors is None:
+            return None
+        from policies import LayerwiseLR, schedules
+
+        if schedule is None:
+            schedule = schedules.constant(1.0)
+        return LayerwiseLR(self.base, schedule, factors)
+
+    # -- groups ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer; it starts at multiplier 1 (or the one it
+        carries) and joins the recalibrations under its name."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {param_group!r}")
+        if self._scheduler is not None:
+            raise ValueError(
+                "add_param_group: the engine's schedule/factors were built for the groups "
+                f"{self._names}; build a new LayerwiseOptimizer after adding groups"
+            )
+        multiplier = check_multiplier(
+            f"param_group['{MULTIPLIER_KEY}']", param_group.get(MULTIPLIER_KEY, 1.0)
+        )
+        groups = self.base.param_groups
+        self.base.add_param_group(param_group)
+        try:
+            self._names = name_groups(groups, start=len(groups) - 1)
+            groups[-1][MULTIPLIER_KEY] = multiplier
+            if self._recalibrator is not None:
+                self._recalibrator.refresh_mapping()
+        except Exception:
+            added = groups.pop()
+            for p in added["params"]:
+                self.base.state.pop(p, None)
+            self._names = [g["name"] for g in groups]
+            raise
+
+    # -- read-outs ------------------------------------------------------------------------
+    @property
+    def group_names(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def multipliers(self) -> dict[str, float]:
+        """``{group name: multiplier}`` currently applied."""
+        return {g["name"]: g[MULTIPLIER_KEY] for g in self.base.param_groups}
+
+    def get_last_lr(self) -> dict[str, Any]:
+        """``{group name: effective rate}`` = base rate x multiplier, the rate of the next
+        step (a float, or a new tensor for a tensor rate)."""
+        return {g["name"]: effective_lr(g) for g in self.base.param_groups}
+
+    @property
+    def history(self) -> Any:
+        """Every recalibration as a ``pandas.DataFrame`` (see :mod:`engine.history`)."""
+        return self._history.frame
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken through the engine."""
+        return self._step
+
+    @property
+    def controller(self) -> Any:
+        return None if self._recalibrator is None else self._recalibrator.controller
+
+    def observe_validation(self, value: Any) -> None:
+        """Pass a validation metric to the controller (a no-op without a controller).
+
+        Under DDP every rank must call it; the value is averaged over the ranks first. A
+        fallback the controller returns (all multipliers 1) takes effect at once, is logged,
+        and reaches the callback with ``report=None``.
+        """
+        if self._recalibrator is None:
+            return
+        outcome = self._recalibrator.observe_validation(value, self._step)
+        if outcome is not None:
+            self._history.record(outcome.rows)
+            if self._callback is not None:
+                self._callback(outcome.decision, None, self._step)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (groups carry ``name`` and ``lr_multiplier``)
+        plus the engine's state under the key ``"layerwise"`` (see :mod:`engine.checkpoint`)."""
+        state = self.base.state_dict()
+        state[ENGINE_KEY] = pack_state(self)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Validate and load a :meth:`state_dict`; on error nothing is changed."""
+        unpack_state(self, state_dict)
+
+
+def _is_writer_rank() -> bool:
+    """Whether this process writes the history file (rank 0, or not distributed)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

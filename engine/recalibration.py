@@ -1,0 +1,267 @@
+"""One recalibration: estimate on a batch, ask the controller, store the multipliers.
+
+Order of a recalibration after step ``s`` (:meth:`Recalibrator.run`):
+
+1. **Gradient check.** The gradients the step just used must be finite (and a forwarded
+   ``GradScaler`` ``found_inf`` zero); otherwise the recalibration is skipped, the
+   multipliers are kept, and the skip is logged. Under DDP the verdict is and-ed over ranks.
+   Like the estimator's one transfer and the history's rates, it synchronises host and
+   device; the engine does so only during a recalibration, never between them.
+2. **Estimate.** :func:`sensitivity.estimate` on the model (unwrapped from DDP or
+   ``torch.compile``) with the groups ``{group name: [parameter names]}``, the engine's
+   probe generator (seeded with ``seed``, advanced by each estimate, checkpointed) and the
+   ``estimator`` options (:mod:`engine.options`). The estimator recomputes its own
+   gradients from ``loss_fn(model, batch)``, so it sees *unscaled* gradients whatever
+   ``GradScaler`` does, and full precision unless ``loss_fn`` enters ``torch.autocast``.
+3. **Pool** across ranks under DDP (:mod:`engine.distributed`).
+4. **Decide and apply.** ``controller.update(report, step=s)``; each multiplier is checked
+   (finite, > 0, a known group) and written to ``group["lr_multiplier"]``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .multipliers import MULTIPLIER_KEY, check_multiplier, effective_lr
+from .naming import parameter_mapping, unwrap_model
+from .options import check_count, estimator_options, make_controller, samples_behind, wants, without
+
+__all__ = ["Outcome", "Recalibrator"]
+
+
+class _OneBatch:
+    """A re-iterable of one batch (never mistaken for a batch itself)."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+    def __iter__(self) -> Any:
+        yield self.batch
+
+
+class Outcome(NamedTuple):
+    """What a recalibration produced: the decision and report (``None`` when skipped) and
+    the history rows."""
+
+    decision: Any
+    report: Any
+    rows: list[dict[str, Any]]
+
+
+class Recalibrator:
+    """Holds the model, loss, controller, estimator options and probe generator."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module | None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+        controller: Any,
+        estimator: Mapping[str, Any] | None,
+        seed: int,
+    ) -> None:
+        if model is None or loss_fn is None:
+            raise ValueError(
+                f"model and loss_fn are required with a controller, got model={model!r}, "
+                f"loss_fn={loss_fn!r}"
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {model!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        self.controller = make_controller(controller)
+        self.optimizer, self.model, self.loss_fn = optimizer, model, loss_fn
+        self.module = unwrap_model(model)
+        self.mapping = parameter_mapping(model, optimizer.param_groups)
+        self.options = estimator_options(estimator, self.controller, self.module, loss_fn)
+        self.seed = check_count("seed", seed, minimum=0)
+        device = next(iter(self.module.parameters())).device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.seed)
+
+    def refresh_mapping(self) -> None:
+        """Rebuild ``{group: [parameter names]}`` after groups changed."""
+        self.mapping = parameter_mapping(self.model, self.optimizer.param_groups)
+
+    # -- the recalibration ------------------------------------------------------------------
+    def run(self, batch: Any, step: int, found_inf: torch.Tensor | None) -> Outcome:
+        from . import distributed as ddp
+
+        finite, why = self._gradients_finite(found_inf)
+        if ddp.is_distributed():
+            finite = ddp.all_finite(finite)
+            why = why or "non-finite gradients on another rank"
+        if not finite:
+            return Outcome(None, None, self._skip_rows(step, f"skipped: {why}; multipliers kept"))
+        report = self._estimate(batch, ddp)
+        decision = self.controller.update(report, step=step)
+        return Outcome(decision, report, self.apply(decision, report, step))
+
+    def _gradients_finite(self, found_inf: torch.Tensor | None) -> tuple[bool, str]:
+        if found_inf is not None and bool(found_inf.ne(0).any()):
+            return False, "GradScaler found non-finite gradients"
+        flags = [
+            torch.isfinite(p.grad).all()
+            for g in self.optimizer.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
+        if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+            return False, "non-finite gradients"
+        return True, ""
+
+    def _estimate(self, batch: Any, ddp: Any) -> Any:
+        from sensitivity import estimate
+
+        options = dict(self.options)
+        distributed = ddp.is_distributed()
+        two_batch = distributed and options.get("variance") == "two_batch"
+        wants_variance = wants(options["quantities"], "grad_variance")
+        if two_batch and wants_variance:
+            options["quantities"] = without(options["quantities"], "grad_variance")
+        with torch.enable_grad():
+            report = estimate(
+                self.module,
+                self.loss_fn,
+                _OneBatch(batch),
+                groups=self.mapping,
+                generator=self.generator,
+                **options,
+            )
+        if not distributed:
+            return report
+        size = int(report.cost.examples)
+        local_sq: dict[str, float] = {}
+        global_sq: dict[str, float] = {}
+        if wants_variance or wants(options["quantities"], "grad_norm"):
+            names = [n for names in self.mapping.values() for n in names]
+            dtype = options.get("dtype")
+            grads = ddp.local_mean_gradient(self.module, self.loss_fn, batch, names, dtype)
+            local_sq, global_sq = ddp.local_gradient_sq_norms(grads, self.mapping, size)
+        samples = 1 if two_batch else samples_behind(report, size, options)
+        return ddp.sync_report(report, local_sq, global_sq, size, samples, noise=wants_variance)
+
+    # -- applying decisions -----------------------------------------------------------------
+    def apply(self, decision: Any, report: Any, step: int) -> list[dict[str, Any]]:
+        """Write ``decision.multipliers`` onto the groups; return the history rows."""
+        groups = {g["name"]: g for g in self.optimizer.param_groups}
+        multipliers = getattr(decision, "multipliers", None)
+        if not isinstance(multipliers, Mapping):
+            raise TypeError(
+                f"controller returned {decision!r}; expected a Decision with multipliers"
+            )
+        checked = {}
+        for name, m in multipliers.items():
+            if name not in groups:
+                raise ValueError(
+                    f"controller returned a multiplier for group {name!r}, which the optimizer "
+                    f"does not have (groups: {list(groups)})"
+                )
+            checked[name] = check_multiplier(f"multiplier of group {name!r}", m)
+        rows = []
+        reasons = getattr(decision, "reasons", {}) or {}
+        for name, m in checked.items():
+            group = groups[name]
+            previous = group[MULTIPLIER_KEY]
+            group[MULTIPLIER_KEY] = m
+            row = _lr_row(group, step, previous)
+            row.update(
+                reason=reasons.get(name),
+                fallback=bool(getattr(decision, "fallback", False)),
+                event=getattr(decision, "event", None),
+                skipped=False,
+            )
+            if report is not None and name in report:
+                row.update(_estimate_row(report, name))
+            rows.append(row)
+        return rows
+
+    def _skip_rows(self, step: int, reason: str) -> list[dict[str, Any]]:
+        rows = []
+        for group in self.optimizer.param_groups:
+            if group["name"] in self.mapping:
+                row = _lr_row(group, step, group[MULTIPLIER_KEY])
+                row.update(reason=reason, fallback=False, event=None, skipped=True)
+                rows.append(row)
+        return rows
+
+    def observe_validation(self, value: Any, step: int) -> Outcome | None:
+        """Pass ``value`` (averaged over ranks under DDP) to the controller; a fallback it
+        returns is applied at once."""
+        from . import distributed as ddp
+
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"value must be a scalar, got a tensor of shape {tuple(value.shape)}"
+                )
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"value must be a real number, got {value!r}")
+        value = float(value)
+        if ddp.is_distributed():
+            t = torch.tensor([value], dtype=torch.float64, device=ddp.comm_device())
+            torch.distributed.all_reduce(t)
+            value = float(t.item()) / torch.distributed.get_world_size()
+        observe = getattr(self.controller, "observe_validation", None)
+        if observe is None:
+            raise TypeError(f"controller {self.controller!r} has no observe_validation method")
+        decision = observe(value, step=step)
+        if decision is None:
+            return None
+        return Outcome(decision, None, self.apply(decision, None, step))
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "controller": self.controller.state_dict(),
+            "generator": self.generator.get_state(),
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: Any) -> None:
+        where = "state_dict['layerwise']['recalibrator']"
+        if not isinstance(state, Mapping) or set(state) != {"controller", "generator", "seed"}:
+            raise ValueError(
+                f"{where} must have keys controller, generator, seed; got {state!r:.200}"
+            )
+        rng = state["generator"]
+        current = self.generator.get_state()
+        if (
+            not isinstance(rng, torch.Tensor)
+            or rng.dtype != torch.uint8
+            or rng.shape != current.shape
+        ):
+            raise ValueError(
+                f"{where}['generator'] must be a uint8 tensor of shape {tuple(current.shape)} "
+                f"(torch.Generator.get_state()), got {rng!r:.80}"
+            )
+        seed = check_count(f"{where}['seed']", state["seed"], minimum=0)
+        self.controller.load_state_dict(state["controller"])
+        self.generator.set_state(rng.clone())
+        self.seed = seed
+
+
+def _lr_row(group: Mapping[str, Any], step: int, previous: float) -> dict[str, Any]:
+    lr = group["lr"]
+    return {
+        "step": step,
+        "group": group["name"],
+        "multiplier": group[MULTIPLIER_KEY],
+        "previous_multiplier": previous,
+        "base_lr": float(lr),
+        "effective_lr": float(effective_lr(group)),
+    }
+
+
+def _estimate_row(report: Any, name: str) -> dict[str, Any]:
+    est = report[name]
+    row = {k: v for k, v in est.to_dict().items() if k != "group"}
+    row["curvature"] = est.curvature
+    row["estimate_seconds"] = report.cost.seconds
+    return row

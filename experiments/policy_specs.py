@@ -1,0 +1,154 @@
+"""Named learning-rate policies of an ablation, as plain data, and how each is built.
+
+A policy spec is a small dict with a ``kind``:
+
+* ``uniform``: every group at the base rate (the baseline of every comparison);
+* ``layer_decay``: static factors ``decay ** (distance from the output)``
+  (:func:`policies.layer_decay`; keys ``decay``, ``min_factor``);
+* ``discriminative``: static factors by role (:func:`policies.discriminative`; keys
+  ``head``, ``backbone``);
+* ``factors``: an explicit ``{group: factor}`` table (key ``factors``, key ``default``);
+* ``controller``: a :class:`policies.SensitivityController` with ``rule`` (``curvature``,
+  ``noise``, ``trust_ratio``, ``curvature+noise``...), its keyword arguments under
+  ``controller``, the estimator options under ``estimator`` (``probes``...), and the
+  engine's ``recalibrate_every`` and ``warmup_steps``.
+
+:data:`PRESETS` names the policies of the study; a config may list them by name, or
+override a preset's keys in a ``[policies.NAME]`` table. A base rate is never part of a
+policy: it is tuned per policy from the task's grid.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["KINDS", "PRESETS", "build_policy", "resolve_policy"]
+
+KINDS = ("uniform", "layer_decay", "discriminative", "factors", "controller")
+
+_CONTROLLER_DEFAULTS = {
+    "recalibrate_every": 50,
+    "warmup_steps": 50,
+    "controller": {},
+    "estimator": {"probes": 8},
+}
+
+#: The policies of the study, by name.
+PRESETS: dict[str, dict[str, Any]] = {
+    "uniform": {"kind": "uniform"},
+    "layer_decay": {"kind": "layer_decay", "decay": 0.75, "min_factor": 0.0},
+    "discriminative": {"kind": "discriminative", "head": 1.0, "backbone": 0.3},
+    **{
+        rule: {"kind": "controller", "rule": rule, **copy.deepcopy(_CONTROLLER_DEFAULTS)}
+        for rule in ("trust_ratio", "curvature", "noise", "curvature+noise")
+    },
+}
+
+_KEYS = {
+    "uniform": {"kind"},
+    "layer_decay": {"kind", "decay", "min_factor"},
+    "discriminative": {"kind", "head", "backbone"},
+    "factors": {"kind", "factors", "default"},
+    "controller": {"kind", "rule", "recalibrate_every", "warmup_steps", "controller", "estimator"},
+}
+
+
+def resolve_policy(name: str, table: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The full spec of policy ``name``: its preset (if ``name`` is one, or ``table`` names
+    one under ``preset``) updated by ``table``; validated, without building anything
+    heavier than a controller.
+
+    >>> resolve_policy("layer_decay", {"decay": 0.5})["decay"]
+    0.5
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"policy name must be a non-empty string, got {name!r}")
+    table = dict(table or {})
+    preset_name = table.pop("preset", name if name in PRESETS else None)
+    if preset_name is not None and preset_name not in PRESETS:
+        raise ValueError(
+            f"policy {name!r}: unknown preset {preset_name!r}; known: {sorted(PRESETS)}"
+        )
+    spec = copy.deepcopy(PRESETS[preset_name]) if preset_name else {}
+    for key, value in table.items():
+        if isinstance(value, Mapping) and isinstance(spec.get(key), Mapping):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    if "kind" not in spec:
+        raise ValueError(
+            f"policy {name!r}: not a preset ({', '.join(sorted(PRESETS))}) and no 'kind' "
+            f"given; kinds: {', '.join(KINDS)}"
+        )
+    kind = spec["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"policy {name!r}: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+    if kind == "controller":
+        spec = {**copy.deepcopy(_CONTROLLER_DEFAULTS), **spec}
+    unknown = set(spec) - _KEYS[kind]
+    if unknown:
+        raise ValueError(
+            f"policy {name!r}: unknown key(s) {sorted(unknown)} for kind {kind!r}; "
+            f"known: {sorted(_KEYS[kind])}"
+        )
+    _validate(name, spec)
+    return spec
+
+
+def _validate(name: str, spec: dict[str, Any]) -> None:
+    kind = spec["kind"]
+    try:
+        if kind == "controller":
+            if "rule" not in spec:
+                raise ValueError("a controller policy needs a 'rule'")
+            for key in ("controller", "estimator"):
+                if not isinstance(spec[key], Mapping):
+                    raise TypeError(f"{key} must be a table, got {spec[key]!r}")
+            from policies import SensitivityController
+
+            SensitivityController(spec["rule"], **spec["controller"])
+            for key in ("recalibrate_every", "warmup_steps"):
+                value = spec[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+            if spec["recalibrate_every"] < 1:
+                raise ValueError(f"recalibrate_every must be >= 1, got {spec['recalibrate_every']}")
+        elif kind == "factors" and not isinstance(spec.get("factors"), Mapping):
+            raise ValueError(
+                f"a 'factors' policy needs a factors table, got {spec.get('factors')!r}"
+            )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"policy {name!r}: {exc}") from exc
+
+
+def build_policy(spec: Mapping[str, Any], groups: Any) -> dict[str, Any]:
+    """Keyword arguments for :class:`engine.LayerwiseOptimizer` that realise ``spec`` over
+    ``groups`` (a :class:`policies.ParamGroups`): ``factors`` (``None`` or a dict),
+    ``controller`` (``None`` or a controller) and, for controllers, ``recalibrate_every``,
+    ``warmup_steps`` and ``estimator``."""
+    import policies
+
+    kind = spec["kind"]
+    out: dict[str, Any] = {"factors": None, "controller": None}
+    if kind == "layer_decay":
+        out["factors"] = policies.layer_decay(
+            groups, spec.get("decay", 0.75), spec.get("min_factor", 0.0)
+        )
+    elif kind == "discriminative":
+        out["factors"] = policies.discriminative(
+            groups, head=spec.get("head", 1.0), backbone=spec.get("backbone", 0.3)
+        )
+    elif kind == "factors":
+        out["factors"] = policies.validate_factors(
+            groups, spec["factors"], default=spec.get("default")
+        )
+    elif kind == "controller":
+        out["controller"] = policies.SensitivityController(spec["rule"], **spec["controller"])
+        out["recalibrate_every"] = spec["recalibrate_every"]
+        out["warmup_steps"] = spec["warmup_steps"]
+        out["estimator"] = dict(spec["estimator"])
+    elif kind != "uniform":
+        raise ValueError(f"spec: unknown policy kind {kind!r}")
+    return out

@@ -1,0 +1,299 @@
+"""The ablation runner: tune every policy's base rate, then run every seed, in parallel.
+
+:func:`ablate` plans the runs of a config (:mod:`experiments.plan`), skips the finished
+ones, and executes the rest in worker processes (``concurrent.futures`` with the *spawn*
+start method, one torch thread per worker, so results do not depend on ``workers``; with
+``workers=1`` runs execute in this process). A cell's final runs are submitted as soon as
+all of its tuning runs are in, so workers stay busy. Every run goes to a temporary folder
+that is renamed into place after its done marker (:mod:`experiments.rundirs`); a run that
+raises is recorded (``errors/<run id>.txt``) and the others go on.
+
+A results folder belongs to one config (``ablation.json`` holds its hash). Another config
+is refused unless ``force``, which moves the old results to ``superseded/`` (nothing is
+deleted). Resuming with the same config skips finished runs (done marker and matching
+spec hash) and redoes half-written ones.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import shutil
+import sys
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import read_json, write_json, write_text
+from .config import AblationConfig
+from .errors import UsageError
+from .manifest import is_finished, read_done, versions, write_done
+from .plan import RunSpec, choose_lr, final_specs, lr_grid, tuning_specs
+from .rundirs import RUNS, lock, new_temp_dir, promote, recover, supersede
+
+__all__ = ["AblationResult", "ablate", "run_one"]
+
+
+@dataclass
+class AblationResult:
+    """What :func:`ablate` did: counts, failures (run id, first line), chosen rates, report."""
+
+    out: Path
+    total: int = 0
+    ran: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    chosen: dict[str, Any] = field(default_factory=dict)
+    report: Path | None = None
+    superseded: Path | None = None
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_one(
+    spec_data: dict[str, Any], runs_dir: str, cache_dir: str | None, config_hash: str
+) -> dict[str, Any]:
+    """Execute one run unless it is finished; never raises (errors come back as data)."""
+    from .training import execute
+
+    spec = RunSpec.from_dict(spec_data)
+    runs = Path(runs_dir)
+    final = runs / spec.run_id
+    if is_finished(final, spec.hash):
+        return {"skipped": True, **read_done(final)}
+    if is_finished(final):  # finished under another spec: keep it, aside
+        stale = runs.parent / "superseded" / "stale-runs"
+        stale.mkdir(parents=True, exist_ok=True)
+        os.replace(final, stale / f"{spec.run_id}-{uuid.uuid4().hex[:8]}")
+    temp = new_temp_dir(runs, spec.run_id)
+    try:
+        summary = execute(spec, temp, config_hash=config_hash, cache_dir=cache_dir)
+        write_done(temp, spec.hash, summary)
+        promote(temp, final)
+    except Exception as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    return {"skipped": False, **summary}
+
+
+class _InProcess:
+    """An executor that runs each submitted call at once, in this process."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
+        future: cf.Future = cf.Future()
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # KeyboardInterrupt included: re-raised by the caller
+            future.set_exception(exc)
+        finally:
+            torch.set_num_threads(threads)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def _claim(
+    out: Path, config: AblationConfig, force: bool, config_text: str | None, result: AblationResult
+) -> None:
+    marker = out / "ablation.json"
+    runs = out / RUNS
+    old_hash = None
+    if marker.is_file():
+        old_hash = read_json(marker).get("config_hash", "unknown")
+    elif runs.is_dir() and any(runs.iterdir()):
+        old_hash = "unknown"
+    if old_hash is not None and old_hash != config.hash:
+        if not force:
+            raise UsageError(
+                f"{out} holds results of another config (hash {old_hash[:12]}, this one "
+                f"{config.hash[:12]}); use another --out, or --force to move them to "
+                f"{out / 'superseded'}"
+            )
+        result.superseded = supersede(out, old_hash)
+    if not marker.is_file():
+        write_json(
+            marker,
+            {
+                "name": config.name,
+                "config_hash": config.hash,
+                "config": config.raw,
+                "versions": versions(),
+            },
+        )
+        if config_text is not None:
+            write_text(out / "config.toml", config_text)
+
+
+def ablate(
+    config: AblationConfig,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    force: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    config_text: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> AblationResult:
+    """Run (or resume) the ablation ``config`` into the folder ``out`` (module docstring)."""
+    if not isinstance(config, AblationConfig):
+        raise TypeError(f"config must be an AblationConfig, got {type(config).__name__}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = AblationResult(out=out)
+    with lock(out):
+        _claim(out, config, force, config_text, result)
+        runs = out / RUNS
+        runs.mkdir(exist_ok=True)
+        recover(runs)
+        cache = Path(cache_dir) if cache_dir is not None else out / ".cache"
+        cache.mkdir(exist_ok=True)
+        _execute(config, out, runs, cache, workers, progress, result)
+    if report:
+        from .reporting import write_report
+
+        result.report = write_report(out)
+    return result
+
+
+def _execute(config, out, runs, cache, workers, progress, result) -> None:
+    tunes = tuning_specs(config)
+    grids = lr_grid(config)
+    pending: dict[tuple, list[RunSpec]] = {}
+    for spec in tunes:
+        pending.setdefault(spec.group_key, []).append(spec)
+    ready = [s for key, g in grids.items() if len(g) < 2 for s in final_specs(config, {}, key)]
+    result.total = len(tunes) + len(config.seeds) * len(grids)
+    tuning_path = out / "tuning.json"
+    tuning = {"lr_grid": {"/".join(k): list(v) for k, v in grids.items()}, "chosen": {}}
+    results: dict[tuple, list[tuple[float, float, float]]] = {k: [] for k in pending}
+    failed_cells: set[tuple] = set()
+
+    executor: Any = (
+        _InProcess()
+        if workers == 1
+        else cf.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+        )
+    )
+    bar = _Progress(result.total, enabled=progress)
+    futures: dict[cf.Future, RunSpec] = {}
+
+    def submit(spec: RunSpec) -> None:
+        futures[executor.submit(run_one, spec.to_dict(), str(runs), str(cache), config.hash)] = spec
+
+    try:
+        for spec in [*tunes, *ready]:
+            submit(spec)
+        while futures:
+            done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                spec = futures.pop(future)
+                outcome = future.result()
+                if "error" in outcome:
+                    result.failed.append((spec.run_id, outcome["error"].splitlines()[0]))
+                    errors = out / "errors"
+                    errors.mkdir(exist_ok=True)
+                    write_text(errors / f"{spec.run_id}.txt", outcome["traceback"])
+                elif outcome.get("skipped"):
+                    result.skipped += 1
+                else:
+                    result.ran += 1
+                bar.advance(spec, outcome)
+                if spec.kind != "tune":
+                    continue
+                key = spec.group_key
+                if "error" in outcome:
+                    failed_cells.add(key)
+                else:
+                    results[key].append((spec.lr, outcome["val_metric"], outcome["val_loss"]))
+                pending[key].remove(spec)
+                if not pending[key] and key not in failed_cells:
+                    lr, scores = choose_lr(results[key])
+                    tuning["chosen"]["/".join(key)] = {
+                        "lr": lr,
+                        "scores": {f"{k:g}": v for k, v in sorted(scores.items())},
+                    }
+                    write_json(tuning_path, tuning)
+                    for final in final_specs(config, {key: lr}, key):
+                        submit(final)
+                elif not pending[key]:
+                    bar.skip(len(config.seeds))
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+        raise
+    executor.shutdown(wait=True)
+    bar.close()
+    write_json(tuning_path, tuning)
+    result.chosen = tuning["chosen"]
+
+
+class _Progress:
+    """A rich progress bar on stderr (nothing when disabled or not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.total, self.count = total, 0
+        self.lines = enabled and not sys.stderr.isatty()  # logs: one line per run
+        if enabled and sys.stderr.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("[bold]ablate[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                transient=False,
+            )
+            self.task = self.bar.add_task("", total=total)
+            self.bar.start()
+
+    def advance(self, spec: RunSpec, outcome: dict[str, Any]) -> None:
+        self.count += 1
+        what = "failed" if "error" in outcome else "skip" if outcome.get("skipped") else "done"
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=f"{what}: {spec.run_id}")
+        elif self.lines:
+            seconds = outcome.get("wall_time")
+            took = f" ({seconds:.1f} s)" if isinstance(seconds, float) and what == "done" else ""
+            print(
+                f"[{self.count}/{self.total}] {what} {spec.run_id}{took}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def skip(self, n: int) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

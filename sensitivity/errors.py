@@ -1,0 +1,110 @@
+"""A clear error for models that cannot be differentiated twice.
+
+Hessian-vector products need either forward-mode derivatives of the backward pass
+(``jvp`` of ``grad``) or the derivative of the backward pass itself (``vjp`` of
+``grad``, "double backward"). Some fused kernels have neither, e.g. the flash and
+memory-efficient ``scaled_dot_product_attention`` kernels used by
+``nn.MultiheadAttention(need_weights=False)`` and ``nn.TransformerEncoderLayer``. PyTorch
+then names an aten operator, which is hard to map back to a layer; this module records
+which module of the model runs which operator during one forward pass and names the
+culprit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+__all__ = ["DoubleBackwardError", "failing_operators", "is_double_backward_error"]
+
+_PATTERNS = (
+    re.compile(r"derivative for (?:aten::)?([\w.]+) is not implemented"),
+    re.compile(r"forward AD with (?:aten::)?([\w.]+) that does not support it"),
+    re.compile(r"(?:aten::)?([\w.]+) does not support (?:double backward|forward AD)"),
+)
+
+ADVICE = (
+    "switch such layers to a twice-differentiable implementation for the estimate, e.g. "
+    "run it inside `with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):` "
+    "(from inside loss_fn) for scaled-dot-product attention, or pass need_weights=True to "
+    "nn.MultiheadAttention"
+)
+
+
+class DoubleBackwardError(RuntimeError):
+    """A layer of the model has no second derivative (see the module docstring)."""
+
+
+def failing_operators(exc: BaseException) -> list[str]:
+    """The operator names a PyTorch error blames for a missing (second) derivative."""
+    names = []
+    for pattern in _PATTERNS:
+        for m in pattern.finditer(str(exc)):
+            op = m.group(1).split(".")[0]
+            names.append(op.removesuffix("_backward"))
+    return list(dict.fromkeys(names))
+
+
+def is_double_backward_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says an operator lacks a derivative needed by a Hessian product."""
+    return isinstance(exc, (RuntimeError, NotImplementedError)) and bool(failing_operators(exc))
+
+
+def _modules_running(model: nn.Module, run: Callable[[], Any], ops: set[str]) -> list[str]:
+    """Names (and types) of the innermost modules that call any of ``ops`` during ``run``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stack: list[str] = []
+    found: dict[str, None] = {}
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in ops and stack:
+                found.setdefault(stack[-1], None)
+            return func(*args, **(kwargs or {}))
+
+    def enter(label: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            stack.append(label)
+
+        return hook
+
+    def leave(*_: Any) -> None:  # a forward hook must return None (else it replaces outputs)
+        stack.pop()
+
+    handles = []
+    for qual, module in model.named_modules():
+        label = f"{qual or '(root)'} ({type(module).__name__})"
+        handles.append(module.register_forward_pre_hook(enter(label)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with Recorder():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return list(found)
+
+
+def explain(exc: BaseException, model: nn.Module, run: Callable[[], Any]) -> DoubleBackwardError:
+    """A :class:`DoubleBackwardError` naming the modules that run the failing operators.
+
+    ``run`` evaluates the loss once (with gradients enabled, as in training); it is used
+    only to record which module calls which operator.
+    """
+    ops = failing_operators(exc)
+    try:
+        modules = _modules_running(model, run, set(ops))
+    except Exception:  # the diagnosis is best effort; the original error is chained
+        modules = []
+    where = f"module(s) {', '.join(modules)}" if modules else "a module of the model"
+    return DoubleBackwardError(
+        f"cannot compute Hessian-vector products: {where} calls operator(s) {ops}, which "
+        f"PyTorch cannot differentiate twice. To estimate the Hessian trace, {ADVICE}. "
+        "Gradient statistics alone (quantities=['grad_norm', 'grad_variance']) need no "
+        "second derivative."
+    )

@@ -1,0 +1,183 @@
+"""A model plus a loss function as a pure function of a name-keyed parameter dict.
+
+``FunctionalLoss(model, loss_fn, params)(values, batch)`` evaluates
+``loss_fn(model, batch)`` with the parameters named in ``params`` replaced by
+``values`` through :func:`torch.func.functional_call`; every other parameter is a detached
+constant and every buffer a detached copy, so nothing the estimators do can reach the
+model's own tensors and ``torch.func`` transforms (``grad``, ``jvp``, ``vjp``, ``vmap``)
+apply directly.
+
+Normalisation layers in training mode that track running statistics (BatchNorm,
+SyncBatchNorm, InstanceNorm with ``track_running_stats``) get ``None`` for their running
+statistics: in training mode they normalise with the batch statistics either way, so the
+loss is exactly the one training sees, and with ``None`` the running statistics are
+neither read nor updated (the functional analogue of
+``torch.func.replace_all_batch_norm_modules_``, without touching the module).
+
+:class:`RngReplay` makes every evaluation on one batch see the same random numbers
+(dropout masks), and :func:`leaves_no_trace` guarantees that the global RNG state, the
+train/eval modes and the ``.grad`` fields are as before when an estimator returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+__all__ = [
+    "FunctionalLoss",
+    "RngReplay",
+    "leaves_no_trace",
+    "model_devices",
+    "uses_batch_statistics",
+]
+
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so that ``functional_call`` applies."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether a BatchNorm-type layer normalises with batch statistics (training mode), in
+    which case the examples of a batch interact and per-example gradients are undefined."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
+
+
+def model_devices(model: nn.Module) -> list[torch.device]:
+    """The distinct devices of the model's parameters and buffers, in order of appearance."""
+    devices: dict[torch.device, None] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        devices.setdefault(t.device, None)
+    return list(devices) or [torch.device("cpu")]
+
+
+class FunctionalLoss:
+    """``loss(values, batch)``: the mean loss with ``values`` substituted for ``params``.
+
+    ``dtype`` (optional) casts the floating parameters and buffers; the caller casts the
+    batch (see :func:`sensitivity.batching.cast_batch`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        params: Sequence[str],
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        self.model = model
+        self.params = tuple(params)
+        own_names = dict(model.named_parameters())
+        unknown = [n for n in self.params if n not in own_names]
+        if unknown:
+            raise ValueError(
+                f"params names unknown parameters {unknown}; the model's parameters are "
+                f"{list(own_names)}"
+            )
+        self._module = _LossModule(model, loss_fn)
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach()
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        chosen = set(self.params)
+        own = dict(model.named_parameters())
+        self.values = {n: cast(own[n]) for n in self.params}
+        fixed: dict[str, torch.Tensor | None] = {
+            "model." + n: cast(p) for n, p in own.items() if n not in chosen
+        }
+        batch_stats = {
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, _NormBase) and m.training and m.track_running_stats
+        }
+        for name, b in model.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            if owner in batch_stats and leaf in _RUNNING:
+                fixed["model." + name] = None
+            else:
+                fixed["model." + name] = cast(b).clone()
+        self._fixed = fixed
+
+    def __call__(self, values: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        full = {"model." + n: v for n, v in values.items()}
+        loss = functional_call(self._module, (full, self._fixed), (batch,), strict=False)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+        if loss.dim() != 0:
+            raise ValueError(
+                f"loss_fn must return a scalar (the mean loss over the batch), got a tensor "
+                f"of shape {tuple(loss.shape)}"
+            )
+        return loss
+
+    def restricted(self, names: Sequence[str]) -> Callable[[dict[str, torch.Tensor], Any], Any]:
+        """The loss as a function of ``names`` only, the other parameters held at their
+        current values (used for isolated per-group probes)."""
+        chosen = set(names)
+        rest = {n: v for n, v in self.values.items() if n not in chosen}
+
+        def loss(values: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+            return self({**rest, **values}, batch)
+
+        return loss
+
+
+class RngReplay:
+    """Capture the global RNG state (CPU and the model's CUDA devices) and replay it, so
+    that several evaluations on one batch draw identical dropout masks."""
+
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        self.cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+        self.capture()
+
+    def capture(self) -> None:
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_states = [torch.cuda.get_rng_state(i) for i in self.cuda]
+
+    def replay(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        for i, state in zip(self.cuda, self.cuda_states, strict=True):
+            torch.cuda.set_rng_state(state, i)
+
+
+@contextlib.contextmanager
+def leaves_no_trace(model: nn.Module) -> Iterator[None]:
+    """Restore, on exit (also on error), the global RNG state (CPU and the model's CUDA
+    devices), the train/eval mode of every module and the ``.grad`` of every parameter.
+
+    Parameters and buffers need no restoring: estimators only ever see detached copies
+    (:class:`FunctionalLoss`), so the model's tensors are never written to.
+    """
+    devices = [d.index or 0 for d in model_devices(model) if d.type == "cuda"]
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    with torch.random.fork_rng(devices=sorted(set(devices))):
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, g in grads:
+                if p.grad is not g:
+                    p.grad = g

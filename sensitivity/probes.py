@@ -1,0 +1,66 @@
+"""Random probe vectors for Hutchinson's estimator, from a dedicated generator.
+
+A probe v has independent entries with E[v] = 0 and E[v vᵀ] = I, so that
+E[vᵀ A v] = tr(A) for any square A (Hutchinson 1990):
+
+* ``"rademacher"``: entries ±1 with probability 1/2; Var[vᵀ A v] = 2 (‖A‖_F² − Σ_i A_ii²)
+  for symmetric A, the smallest of any distribution, and zero when A is diagonal. Drawn
+  as the sign of u − 1/2 for u from ``torch.rand`` (float32 values are multiples of 2^-24,
+  so P(u < 1/2) is exactly 1/2); ``torch.rand`` is about 2.5x faster than ``randint`` on
+  CPU, which matters because a probe costs O(parameters) to draw.
+* ``"gaussian"``: entries N(0, 1); Var[vᵀ A v] = 2 ‖A‖_F².
+
+Probes come from a ``torch.Generator`` on the parameters' device, never from the global
+RNG: estimates are reproducible from a seed, the user's random stream is not consumed,
+and on CUDA the draws stay on the device (no host transfer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["DISTRIBUTIONS", "draw_probes", "make_generator"]
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def make_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed`` (an int >= 0)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def draw_probes(
+    like: Mapping[str, torch.Tensor],
+    count: int,
+    generator: torch.Generator,
+    distribution: str = "rademacher",
+) -> dict[str, torch.Tensor]:
+    """``count`` probes shaped like ``like``: ``{name: tensor of shape (count, *shape)}``.
+
+    Drawn on the generator's device, in the order of ``like``, then moved to each
+    tensor's device (a no-op for a model on one device).
+
+    >>> g = make_generator("cpu", 0)
+    >>> v = draw_probes({"w": torch.zeros(3, 2)}, 4, g)
+    >>> v["w"].shape, sorted(v["w"].unique().tolist())
+    (torch.Size([4, 3, 2]), [-1.0, 1.0])
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    device = generator.device
+    out: dict[str, torch.Tensor] = {}
+    for name, t in like.items():
+        shape = (count, *t.shape)
+        if distribution == "rademacher":  # u < 1/2 for u uniform on multiples of 2^-24
+            u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+            v = u.lt_(0.5).mul_(2).sub_(1).to(t.dtype)
+        else:
+            v = torch.randn(shape, generator=generator, device=device, dtype=t.dtype)
+        out[name] = v.to(t.device, non_blocking=True)
+    return out

@@ -1,0 +1,205 @@
+"""The per-batch work of :func:`sensitivity.estimate`: traces, gradients and gradient
+noise accumulated on the device, weighted by batch size, and one transfer at the end."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .functional import FunctionalLoss, RngReplay
+from .gradient_stats import BatchGradStats, GradientSamples, combine_batches, noise_to_signal
+from .groups import GroupIndex
+from .hutchinson import hutchinson_samples, trace_estimate
+from .hvp import HessianProduct, loss_gradient
+from .microbatch import accumulate_micro_batches
+from .per_example import accumulate_per_example
+from .report import EstimateCost, GroupEstimate, SensitivityReport
+
+__all__ = ["Plan", "Run"]
+
+Params = dict[str, torch.Tensor]
+#: Per-example gradient entries held at once when ``example_chunk_size`` is None.
+EXAMPLE_CHUNK_ELEMENTS = 2**25
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved options of one :func:`sensitivity.estimate` call."""
+
+    index: GroupIndex
+    trace: bool  # Hutchinson traces wanted
+    noise: bool  # gradient noise wanted
+    gradient: bool  # the mean gradient is needed (grad_norm or noise)
+    budget: int  # probes per batch (per group if isolated)
+    chunk_size: int
+    mode: str  # "jvp" or "vjp"
+    fallback: bool  # may fall back from jvp to vjp
+    method: str  # "per_example", "micro_batch" or "two_batch"
+    micro_batches: int
+    distribution: str
+    isolated: bool
+    tolerance: float | None
+    example_chunk_size: int | None
+
+
+class Run:
+    """Accumulates per-batch results on the device; one transfer in :meth:`report`."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        loss: FunctionalLoss,
+        generator: torch.Generator,
+        devices: list[torch.device],
+        progress: Callable[[int, int], Any] | None,
+        expected: int | None,
+    ) -> None:
+        self.plan, self.loss, self.gen, self.devices = plan, loss, generator, devices
+        self.progress, self.expected = progress, expected
+        g = len(plan.index)
+        first = next(iter(loss.values.values()))
+        self.device = first.device
+        self.group_ids = plan.index.group_ids(self.device)  # the one host-to-device copy
+        self.zeros = first.new_zeros(g)
+        self.trace_sum, self.trace_var_sum = self.zeros.clone(), self.zeros.clone()
+        self.grad_sum = {n: torch.zeros_like(v) for n, v in loss.values.items()}
+        self.stats: list[BatchGradStats] = []
+        self.group_probes = [0] * g
+        self.examples = self.batches = self.hvps = self.done = 0
+        self.modes: dict[str, None] = {}
+        self.fell_back: str | None = None
+        isolated_factor = g if plan.isolated else 1
+        self.steps = int(plan.gradient) + (plan.budget * isolated_factor if plan.trace else 0)
+
+    def _tick(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            known = self.expected if self.expected is not None else self.batches
+            self.progress(self.done, self.steps * max(known, self.batches))
+
+    def batch(self, batch: Any, size: int) -> None:
+        if self.plan.noise and size < 2:  # checked before any work is spent on the batch
+            raise ValueError(
+                f"grad_variance with variance={self.plan.method!r} needs batches of >= 2 "
+                f"examples, batch {self.batches} has {size}"
+            )
+        self.batches += 1
+        self.examples += size
+        rng = RngReplay(self.devices)
+        gradient = self._traces(batch, size, rng) if self.plan.trace else None
+        if self.plan.gradient:
+            if gradient is None:
+                rng.replay()
+                gradient = loss_gradient(self.loss, self.loss.values, batch)
+            for n, g in gradient.items():
+                self.grad_sum[n] += size * g
+            if self.plan.noise:
+                self.stats.append(self._noise(batch, size, gradient))
+            self._tick(1)
+
+    def _traces(self, batch: Any, size: int, rng: RngReplay) -> Params:
+        plan, index, values = self.plan, self.plan.index, self.loss.values
+        if plan.isolated:
+            jobs = [
+                (
+                    self.loss.restricted(m),
+                    {n: values[n] for n in m},
+                    torch.zeros(len(m), dtype=torch.long, device=self.device),
+                    range(g, g + 1),
+                )
+                for g, m in enumerate(index.members)
+            ]
+        else:  # one job for all groups: shared probes
+            jobs = [(self.loss, values, self.group_ids, range(len(index)))]
+        gradient: Params = {}
+        for loss, like, group_of, groups in jobs:
+            product = HessianProduct(
+                loss, like, batch, plan.mode, rng, self.loss.model, fallback=plan.fallback
+            )
+            z = hutchinson_samples(
+                product, like, group_of, len(groups), budget=plan.budget,
+                chunk_size=plan.chunk_size, generator=self.gen,
+                distribution=plan.distribution, tolerance=plan.tolerance, on_chunk=self._tick,
+            )  # fmt: skip
+            mean, stderr = trace_estimate(z)
+            span = slice(groups.start, groups.stop)
+            self.trace_sum[span] += size * mean
+            self.trace_var_sum[span] += (size * stderr).square()
+            for g in groups:
+                self.group_probes[g] += z.shape[0]
+            self.hvps += z.shape[0]
+            self.modes[product.mode] = None
+            self.fell_back = self.fell_back or product.fell_back
+            gradient.update(product.gradient or {})
+        return gradient
+
+    def _noise(self, batch: Any, size: int, gradient: Params) -> BatchGradStats:
+        plan, index = self.plan, self.plan.index
+        samples = GradientSamples(gradient, self.group_ids, len(index))
+        if plan.method == "per_example":
+            chunk = plan.example_chunk_size or max(
+                1, min(size, EXAMPLE_CHUNK_ELEMENTS // max(1, sum(index.sizes)))
+            )
+            accumulate_per_example(samples, self.loss, self.loss.values, batch, size, chunk)
+        else:
+            accumulate_micro_batches(
+                samples, self.loss, self.loss.values, batch, size, plan.micro_batches
+            )
+        return samples.finish(plan.method)
+
+    def _per_group(self, per_param: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(per_param).to(self.device)
+        return self.zeros.clone().index_add_(0, self.group_ids, stacked)
+
+    def report(self, wanted: tuple[str, ...]) -> SensitivityReport:
+        plan, index, n = self.plan, self.plan.index, self.examples
+        names = list(self.loss.values)
+        rows: dict[str, torch.Tensor] = {
+            "param_norm": self._per_group([self.loss.values[p].square().sum() for p in names])
+        }
+        if plan.gradient:
+            grad_sq = self._per_group([(self.grad_sum[p] / n).square().sum() for p in names])
+            rows["grad_norm"] = grad_sq.sqrt()
+        if plan.noise:
+            trace_sigma, trace_var, norm_var = combine_batches(self.stats)
+            sizes = self.zeros.new_tensor(index.sizes)
+            rows["grad_variance"] = trace_sigma / sizes
+            rows["grad_variance_stderr"] = trace_var.sqrt() / sizes
+            rows["noise_to_signal"] = noise_to_signal(trace_sigma, grad_sq, n)
+            rows["grad_norm_stderr"] = norm_var.sqrt()
+        if plan.trace:
+            rows["hessian_trace"] = self.trace_sum / n
+            rows["hessian_trace_stderr"] = self.trace_var_sum.sqrt() / n
+        keys = list(rows)
+        values = torch.stack([rows[k] for k in keys]).tolist()  # the one host transfer
+        table = {
+            k: dict(zip(index.names, v, strict=True)) for k, v in zip(keys, values, strict=True)
+        }
+        table["param_norm"] = {g: math.sqrt(v) for g, v in table["param_norm"].items()}
+        if "grad_norm" not in wanted:
+            table.pop("grad_norm", None)
+            table.pop("grad_norm_stderr", None)
+        groups = []
+        for g, name in enumerate(index.names):
+            fields = {k: col[name] for k, col in table.items()}
+            if plan.trace:
+                fields["hessian_probes"] = self.group_probes[g]
+            groups.append(GroupEstimate(name, index.sizes[g], **fields))
+        if self.progress is not None:
+            self.progress(self.done, self.done)  # complete, also after an early stop
+        cost = EstimateCost(
+            probes=max(self.group_probes) if plan.trace else 0,
+            hvps=self.hvps,
+            examples=n,
+            batches=self.batches,
+        )
+        settings = {
+            "hvp_mode": "+".join(self.modes) if plan.trace else None,
+            "variance": plan.method if plan.noise else None,
+            "hvp_fallback": self.fell_back,
+        }
+        return SensitivityReport(tuple(groups), cost, settings)

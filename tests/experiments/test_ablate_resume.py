@@ -1,0 +1,147 @@
+"""Interrupted ablations resume: finished runs are skipped and kept byte for byte,
+half-written ones are redone, a different config is refused (or moved aside, never lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.cli import main
+from experiments.config import load_config
+from experiments.errors import UsageError
+from experiments.runner import ablate
+
+ROOT = Path(__file__).parents[2]
+TINY = ROOT / "experiments" / "configs" / "tiny.toml"
+
+
+def _finished(out: Path) -> dict[str, tuple[bytes, int]]:
+    """{run id: (done.json bytes, its mtime in ns)} of the finished runs."""
+    return {
+        p.parent.name: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in (out / "runs").glob("*/done.json")
+    }
+
+
+def _results(done: bytes) -> dict:
+    """A done marker without its timings."""
+    return {k: v for k, v in json.loads(done).items() if not k.endswith("_time")}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("done") / "out"
+    result = ablate(load_config(TINY), out, progress=False, report=False)
+    assert result.ran == 8 and not result.failed
+    return out
+
+
+@pytest.fixture
+def copy(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    return out
+
+
+@pytest.mark.slow
+def test_killed_midway_resumes_without_redoing_finished_runs(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.cli",
+            "ablate",
+            str(TINY),
+            "--out",
+            str(out),
+            "--no-report",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    while not list((out / "runs").glob("*/done.json")) if (out / "runs").exists() else True:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no run finished in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _finished(out)
+    assert 1 <= len(before) < 8, "killed midway"
+    result = ablate(load_config(TINY), out, progress=False, report=False)
+    assert not result.failed and result.skipped >= len(before)
+    assert result.ran + result.skipped == 8
+    after = _finished(out)
+    assert len(after) == 8
+    for run_id, (content, mtime) in before.items():
+        assert after[run_id] == (content, mtime), f"{run_id} was redone or changed"
+    assert not [p for p in (out / "runs").iterdir() if p.name.startswith(".")]
+
+
+def test_half_written_run_is_redone_and_finished_temp_is_promoted(copy):
+    runs = copy / "runs"
+    before = _finished(copy)
+    half = "final__digits_mlp__uniform__default__s1"
+    (runs / half / "done.json").unlink()  # a run folder without its done marker
+    (runs / half / "metrics.csv").write_text("step\n0\n")
+    pending = "final__digits_mlp__curvature__default__s0"  # killed between marker and rename
+    os.replace(runs / pending, runs / f".tmp-{pending}-0000abcd")
+    broken = runs / ".tmp-final__digits_mlp__curvature__default__s1-0000beef"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{")  # an interrupted run in progress
+    result = ablate(load_config(TINY), copy, progress=False, report=False)
+    assert result.ran == 1 and result.skipped == 7 and not result.failed
+    after = _finished(copy)
+    assert set(after) == set(before)
+    assert after[pending][0] == before[pending][0], "the finished temp folder was promoted"
+    assert after[half][1] != before[half][1], "the half-written run was redone"
+    assert _results(after[half][0]) == _results(before[half][0]), "deterministic: same numbers"
+    for run_id in set(before) - {half, pending}:
+        assert after[run_id] == before[run_id]
+    assert not [p for p in runs.iterdir() if p.name.startswith(".")]
+
+
+def test_another_config_is_refused_then_moved_aside_with_force(copy, tmp_path, capsys):
+    changed = tmp_path / "changed.toml"
+    changed.write_text(TINY.read_text().replace("seeds = [0, 1]", "seeds = [0, 2]"))
+    before = _finished(copy)
+    code = main(["ablate", str(changed), "--out", str(copy), "--no-report", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds results of another config" in err
+    assert len(err.strip().splitlines()) == 1
+    assert _finished(copy) == before, "nothing touched"
+    code = main(
+        ["ablate", str(changed), "--out", str(copy), "--no-report", "--no-progress", "--force"]
+    )
+    assert code == 0
+    (aside,) = (copy / "superseded").iterdir()
+    kept = {
+        p.parent.name: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in (aside / "runs").glob("*/done.json")
+    }
+    assert kept == before, "the old results are kept aside, intact"
+    assert "final__digits_mlp__uniform__default__s2" in _finished(copy)
+
+
+def test_a_live_lock_refuses_a_second_writer(copy):
+    import socket
+
+    (copy / ".lock").write_text(f"{socket.gethostname()} {os.getppid()}")
+    with pytest.raises(UsageError, match="in use by another layerwise process"):
+        ablate(load_config(TINY), copy, progress=False, report=False)
+    (copy / ".lock").write_text(f"{socket.gethostname()} 999999999")  # stale: taken over
+    assert ablate(load_config(TINY), copy, progress=False, report=False).skipped == 8
+    assert not (copy / ".lock").exists()

@@ -1,0 +1,203 @@
+"""`layerwise report` writes report.md with its sections and valid PNG figures, and says
+which policy helped, from a synthetic results folder with a known answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from experiments.atomic import write_json
+from experiments.cli import main
+from experiments.comparisons import summarise
+
+PNG = b"\x89PNG\r\n\x1a\n"
+GROUPS = ["layer.0", "head"]
+
+
+def _fake_run(runs: Path, policy: str, seed: int, test: float, fallback: bool = False) -> None:
+    """A finished final run folder, written the way the runner writes one."""
+    run_id = f"final__toy__{policy}__default__s{seed}"
+    d = runs / run_id
+    d.mkdir(parents=True)
+    write_json(
+        d / "manifest.json",
+        {
+            "format": 1,
+            "run_id": run_id,
+            "spec": {},
+            "spec_hash": "h" + run_id,
+            "config_hash": "cfg",
+            "task": {
+                "name": "toy",
+                "description": "a toy task",
+                "budget": {"steps": 20, "batch_size": 4, "eval_every": 10, "target": 0.5},
+                "metric": "accuracy",
+                "data": {"sizes": {}, "sha256": "ab"},
+            },
+            "groups": {"groups": [{"name": g} for g in GROUPS]},
+            "schedule": {},
+            "factors": None,
+            "controller": None,
+            "estimator": None,
+            "seed": seed,
+            "versions": {},
+            "device": "cpu",
+        },
+    )
+    rows = []
+    for step, acc in ((0, 0.1), (10, 0.5 + test / 4), (20, test)):
+        row = {
+            "step": step,
+            "train_loss": 1.0 / (step + 1),
+            "val_loss": 1.0 - acc,
+            "val_accuracy": acc,
+        }
+        for i, g in enumerate(GROUPS):
+            row |= {
+                f"lr/{g}": 0.01 * (i + 1),
+                f"multiplier/{g}": 1.0,
+                f"grad_norm/{g}": 0.1,
+                f"curvature/{g}": 10.0 ** -(i + step / 10),
+                f"noise/{g}": 0.5,
+            }
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(d / "metrics.csv", index=False)
+    events = (
+        [{"step": 10, "event": "fallback: spike in head", "fallback": True, "skipped": False}]
+        if fallback
+        else []
+    )
+    pd.DataFrame(events, columns=["step", "event", "fallback", "skipped"]).to_csv(
+        d / "events.csv", index=False
+    )
+    write_json(
+        d / "done.json",
+        {
+            "spec_hash": "h" + run_id,
+            "run_id": run_id,
+            "kind": "final",
+            "task": "toy",
+            "policy": policy,
+            "setting": "default",
+            "seed": seed,
+            "lr": 0.01,
+            "status": "ok",
+            "metric": "accuracy",
+            "target": 0.5,
+            "val_metric": test,
+            "val_loss": 1 - test,
+            "test_metric": test,
+            "steps_to_target": 10.0,
+            "train_time": 1.0,
+            "wall_time": 2.0,
+            "fallback_events": int(fallback),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    runs = out / "runs"
+    seeds = range(5)
+    for s in seeds:
+        _fake_run(runs, "uniform", s, 0.80 + 0.01 * s)
+        _fake_run(
+            runs, "better", s, 0.85 + 0.01 * s + 0.002 * (s % 2)
+        )  # +5 or +5.2 pp per seed: mean +5.08
+        _fake_run(runs, "same", s, 0.80 + 0.01 * s + (0.01 if s % 2 else -0.01), fallback=s == 0)
+    write_json(
+        out / "ablation.json",
+        {
+            "name": "toy study",
+            "config_hash": "cfg" * 10,
+            "config": {"policies": {"uniform": {}, "better": {}, "same": {}}},
+        },
+    )
+    write_json(
+        out / "tuning.json",
+        {
+            "chosen": {
+                "toy/default/better": {
+                    "lr": 0.01,
+                    "scores": {"0.01": {"val_metric": 0.9, "val_loss": 0.1, "runs": 1}},
+                }
+            }
+        },
+    )
+    return out
+
+
+def test_report_and_figures_are_written(folder, capsys):
+    assert main(["report", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "better" in printed
+    report = (folder / "report.md").read_text()
+    for section in (
+        "# Ablation report: toy study",
+        "## At a glance",
+        "## How the runs were made",
+        "## toy",
+        "## Chosen learning rates",
+        "## Fallback and controller events",
+    ):
+        assert section in report, section
+    figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
+    assert figures == [
+        "summary.png",
+        "toy__default__curvature.png",
+        "toy__default__curves.png",
+        "toy__default__rates.png",
+    ]
+    for name in figures:
+        data = (folder / "figures" / name).read_bytes()
+        assert data.startswith(PNG)
+        image = matplotlib.image.imread(folder / "figures" / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert f"(figures/{name})" in report, "every figure is linked from the report"
+
+
+def test_report_says_who_helped(folder):
+    main(["report", str(folder), "--no-figures"])
+    report = (folder / "report.md").read_text()
+    assert "**Significantly better than `uniform`:** better on toy (+5.08 pp)" in report
+    assert "- **same** on toy: no significant difference" in report
+    assert "fallback: spike in head" in report
+
+
+def test_the_summary_numbers(folder):
+    from experiments.results import load_results
+
+    results = load_results(folder)
+    table = summarise(results.finals, results.policy_order).set_index("policy")
+    assert list(table.index) == ["uniform", "better", "same"]
+    assert table.loc["uniform", "test_mean"] == pytest.approx(0.82)
+    assert table.loc["better", "delta"] == pytest.approx(0.0508)
+    assert table.loc["better", "test"] == "paired" and table.loc["better", "verdict"] == "better"
+    assert table.loc["same", "verdict"] == "no significant difference"
+    # Holm over 2 comparisons: the smaller p doubles, the larger keeps max(itself, that)
+    assert table.loc["better", "p_holm"] == pytest.approx(2 * table.loc["better", "p"])
+    assert table.loc["same", "p_holm"] == pytest.approx(table.loc["same", "p"])
+    assert table.loc["same", "fallback_events"] == 1
+
+
+def test_report_is_deterministic(folder):
+    main(["report", str(folder), "--no-figures"])
+    first = (folder / "report.md").read_text()
+    main(["report", str(folder), "--no-figures"])
+    assert (folder / "report.md").read_text() == first
+
+
+def test_unfinished_runs_are_left_out(folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "runs" / "final__toy__better__default__s4" / "done.json").unlink()
+    main(["report", str(copy), "--no-figures"])
+    assert "| better | 0.01 | 4 |" in (copy / "report.md").read_text()
+    json.loads((copy / "ablation.json").read_text())
