@@ -28,10 +28,13 @@ __all__ = ["KINDS", "PRESETS", "build_policy", "resolve_policy"]
 
 KINDS = ("uniform", "layer_decay", "discriminative", "factors", "controller")
 
+# The runner feeds the controller the validation *metric* (accuracy: higher is better), not
+# the validation loss: on a task that overfits, the loss rises under every policy, and a
+# fallback keyed to it would switch adaptation off for reasons that are not its own.
 _CONTROLLER_DEFAULTS = {
     "recalibrate_every": 50,
     "warmup_steps": 50,
-    "controller": {},
+    "controller": {"mode": "max"},
     "estimator": {"probes": 8},
 }
 

@@ -7,9 +7,9 @@ a permutation of the training split reshuffled every epoch (a ``torch.Generator`
 with the run seed), so two runs with the same seed see the same batches in the same order.
 
 At step 0, every ``eval_every`` steps and at the last step it evaluates the validation
-split (mean loss and metric, model in eval mode), passes the validation loss to the
-controller (``observe_validation``, mode "min"), optionally measures every group's
-sensitivity on a fixed monitoring batch (Hutchinson curvature ``tr(H_gg)/n_g`` and the
+split (mean loss and metric, model in eval mode), passes the validation metric to the
+controller (``observe_validation``; mode "max" in the policy presets), optionally measures
+every group's sensitivity on a fixed monitoring batch (Hutchinson curvature ``tr(H_gg)/n_g`` and the
 gradient noise-to-signal ratio, :func:`sensitivity.estimate`, which leaves no trace), and
 appends a row to ``metrics.csv``/``metrics.jsonl``: step, epoch, train loss (mean over the
 steps since the previous evaluation), validation loss and metric, wall time and training
@@ -204,7 +204,7 @@ def _execute(spec, run_dir, config_hash, cache_dir, device) -> dict[str, Any]:
         t0 = time.perf_counter()
         val_loss, val_metric = task.evaluate(model, *val)
         if math.isfinite(float(val_loss)):  # a diverged run stops below; nothing to watch
-            opt.observe_validation(float(val_loss))
+            opt.observe_validation(float(val_metric))  # the controller's mode is "max"
         row: dict[str, Any] = {
             "step": step,
             "epoch": batches.epoch,
