@@ -69,14 +69,15 @@ def estimate(
     * ``"grad_norm"``: ‖Ĝ_g‖, Ĝ the mean gradient over all examples seen (with
       ``"grad_variance"`` also its delta-method standard error);
     * ``"grad_variance"``: tr(Σ̂_g)/n_g, unbiased (1/(M−1) correction), with
-      ``noise_to_signal`` = tr(Σ̂_g)/(N‖Ĝ_g‖² − tr(Σ̂_g)), where N‖Ĝ_g‖² − tr(Σ̂_g)
-      is N times the unbiased estimate of ‖G_g‖² (:mod:`sensitivity.gradient_stats`;
+      ``noise_to_signal`` = (N/B) tr(Σ̂_g)/(N‖Ĝ_g‖² − tr(Σ̂_g)), B = N / (number of
+      batches) the mean batch size, where N‖Ĝ_g‖² − tr(Σ̂_g) is N times the unbiased
+      estimate of ‖G_g‖² (:mod:`sensitivity.gradient_stats`;
       ``inf`` when that estimate is <= 0, i.e. the noise swamps the signal);
       ``variance`` picks the samples: ``"per_example"`` gradients, ``"micro_batch"``
       gradients of ``micro_batches`` pieces of each batch, ``"two_batch"`` (McCandlish
       et al. on the same pieces), or ``"auto"``: micro-batches when a BatchNorm layer is
-      in training mode (examples interact, per-example gradients are undefined), else
-      per-example;
+      in training mode (examples interact, per-example gradients are undefined; each
+      batch then needs >= 2 x ``micro_batches`` examples), else per-example;
     * ``"hessian_trace"``: tr(H_gg) by Hutchinson's estimator with ``probes`` probes per
       batch (``distribution`` "rademacher" or "gaussian", drawn ``chunk_size`` at a time
       from ``generator``, or from a new one seeded with ``seed``), shared across groups
@@ -166,6 +167,7 @@ def estimate(
         isolated=isolated,
         tolerance=tolerance,
         example_chunk_size=example_chunk_size,
+        batch_statistics=uses_batch_statistics(model),
     )
     if plan.noise and plan.method == "per_example" and uses_batch_statistics(model):
         raise ValueError(

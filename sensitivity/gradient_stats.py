@@ -22,15 +22,18 @@ Across batches b = 1..n (B_b examples, N = Σ B_b, weights ω_b = B_b / N): tr(�
 tr(Σ̂_b) (unbiased), Var = Σ ω_b² Var_b; Ĝ = Σ ω_b G_b is the mean gradient of the union,
 Var[‖Ĝ‖] ≈ Σ ω_b² u_bᵀ Σ_b u_b / B_b (each batch projected on its own gradient direction).
 
-``noise_to_signal`` = tr(Σ) / (N ‖G‖²) with both parts unbiased: since
-E‖Ĝ‖² = ‖G‖² + tr(Σ)/N, the signal is estimated by ‖Ĝ‖² − tr(Σ̂)/N, so the ratio is
-tr(Σ̂) / (N ‖Ĝ‖² − tr(Σ̂)). It is ``inf`` when noise swamps the signal (that denominator
-<= 0 while tr(Σ̂) > 0) and 0 when tr(Σ̂) = 0 exactly (no noise: e.g. parameters the loss
-does not use); a non-finite input stays non-finite.
+``noise_to_signal`` = tr(Σ) / (B ‖G‖²) with both parts unbiased, B the (mean) batch size
+N / n: the noise of one training step's gradient, which does not shrink when more batches
+are passed to estimate it. Since E‖Ĝ‖² = ‖G‖² + tr(Σ)/N, the signal is estimated by
+‖Ĝ‖² − tr(Σ̂)/N, so the ratio is (N / B) tr(Σ̂) / (N ‖Ĝ‖² − tr(Σ̂)). It is ``inf``
+when noise swamps the signal (that denominator <= 0 while tr(Σ̂) > 0) and 0 when
+tr(Σ̂) = 0 exactly (no noise: e.g. parameters the loss does not use); a non-finite input
+stays non-finite.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,16 +80,21 @@ class GradientSamples:
     def add(self, grads: Params, weights: Sequence[int] | None = None) -> None:
         """Add a chunk of samples ``{name: (c, *shape)}`` with integer weights (default 1).
 
-        The sample tensors are overwritten (centred in place) to save memory traffic."""
+        The sample tensors are overwritten (centred in place) to save memory traffic,
+        except where one storage backs the samples of several parameters (autograd hands
+        ``a`` and ``b`` the same gradient tensor in ``x @ (a + b)``): centring it in place
+        for ``a`` would corrupt ``b``'s samples, so those are centred out of place."""
         count = grads[self.names[0]].shape[0]
         w = [1] * count if weights is None else [int(x) for x in weights]
         # weights stay host numbers unless they differ within the chunk (no device copy)
         wt = w[0] if len(set(w)) == 1 else self.sum_d.new_tensor(w)[:, None]
         sq, dot = [], []
-        for n in self.names:  # in place (the samples are ours), then three reads
+        storages = Counter(grads[n].untyped_storage().data_ptr() for n in self.names)
+        for n in self.names:  # in place where the storage is this sample's alone, 3 reads
             centre = self.centre[n].reshape(-1)
             flat = grads[n].reshape(count, -1)
-            diff = flat.sub_(centre) if flat.is_contiguous() else flat - centre
+            mine = flat.is_contiguous() and storages[grads[n].untyped_storage().data_ptr()] == 1
+            diff = flat.sub_(centre) if mine else flat - centre
             total = diff.sum(0) if isinstance(wt, int) else (wt * diff).sum(0)
             self.sum_diff[n] += (total * wt if isinstance(wt, int) else total).reshape(
                 self.centre[n].shape
@@ -137,14 +145,21 @@ def combine_batches(stats: Sequence[BatchGradStats]) -> tuple[torch.Tensor, ...]
 
 
 def noise_to_signal(
-    trace_sigma: torch.Tensor, grad_sq_norm: torch.Tensor, examples: int
+    trace_sigma: torch.Tensor,
+    grad_sq_norm: torch.Tensor,
+    examples: int,
+    batch_size: float | None = None,
 ) -> torch.Tensor:
-    """tr(Σ̂) / (N ‖Ĝ‖² − tr(Σ̂)), the bias-corrected noise-to-signal ratio (docstring).
+    """(N / B) tr(Σ̂) / (N ‖Ĝ‖² − tr(Σ̂)), the bias-corrected noise-to-signal ratio of a
+    batch of ``batch_size`` B (default N = ``examples``) given ‖Ĝ‖² over N examples.
 
     >>> noise_to_signal(torch.tensor([2.0, 0.0, 5.0]), torch.tensor([1.0, 0.0, 1.0]), 4)
     tensor([1., 0., inf])
+    >>> noise_to_signal(torch.tensor([2.0]), torch.tensor([1.0]), 4, batch_size=2)
+    tensor([2.])
     """
+    scale = 1.0 if batch_size is None else examples / batch_size
     denom = examples * grad_sq_norm - trace_sigma
-    ratio = trace_sigma / denom
+    ratio = scale * trace_sigma / denom
     ratio = torch.where((denom <= 0) & (trace_sigma > 0), torch.inf, ratio)
     return torch.where(trace_sigma == 0, torch.zeros_like(ratio), ratio)

@@ -1,6 +1,7 @@
 """The result of a sensitivity estimate: one row of measured quantities per group.
 
-Definitions (B = examples in the estimate, n_g = parameters in group g, G_g = the mean
+Definitions (N = examples in the estimate, B = the batch size, N / (number of batches) when
+several batches are given, n_g = parameters in group g, G_g = the mean
 gradient restricted to g, g_i = the gradient of example i, H = the Hessian of the mean
 loss):
 

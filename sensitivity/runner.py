@@ -44,6 +44,7 @@ class Plan:
     isolated: bool
     tolerance: float | None
     example_chunk_size: int | None
+    batch_statistics: bool = False  # a BatchNorm layer normalises with batch statistics
 
 
 class Run:
@@ -86,6 +87,14 @@ class Run:
             raise ValueError(
                 f"grad_variance with variance={self.plan.method!r} needs batches of >= 2 "
                 f"examples, batch {self.batches} has {size}"
+            )
+        plan = self.plan
+        pieces = plan.noise and plan.method != "per_example" and plan.batch_statistics
+        if pieces and size < 2 * plan.micro_batches:  # else a micro-batch of one example
+            raise ValueError(
+                f"micro_batches={plan.micro_batches} on a model with BatchNorm in training "
+                f"mode needs batches of >= {2 * plan.micro_batches} examples (>= 2 per "
+                f"micro-batch), batch {self.batches} has {size}; lower micro_batches"
             )
         self.batches += 1
         self.examples += size
@@ -169,7 +178,8 @@ class Run:
             sizes = self.zeros.new_tensor(index.sizes)
             rows["grad_variance"] = trace_sigma / sizes
             rows["grad_variance_stderr"] = trace_var.sqrt() / sizes
-            rows["noise_to_signal"] = noise_to_signal(trace_sigma, grad_sq, n)
+            mean_batch = n / self.batches  # B: the noise of one batch's gradient
+            rows["noise_to_signal"] = noise_to_signal(trace_sigma, grad_sq, n, mean_batch)
             rows["grad_norm_stderr"] = norm_var.sqrt()
         if plan.trace:
             rows["hessian_trace"] = self.trace_sum / n

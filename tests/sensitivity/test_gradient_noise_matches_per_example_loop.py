@@ -16,8 +16,8 @@ from torch.func import replace_all_batch_norm_modules_
 from sensitivity import default_groups, estimate, per_example_gradients
 from sensitivity.functional import FunctionalLoss
 
-from .cases import CASES, batchnorm_train
-from .reference import per_example_loop
+from .cases import CASES, Case, batchnorm_train
+from .reference import exact_trace_sigma, per_example_loop
 
 PER_EXAMPLE = [c for c in CASES if c().per_example]
 
@@ -120,3 +120,81 @@ def test_micro_batch_and_two_batch_statistics_equal_the_loop_with_batchnorm(piec
         big = centre[idx].square().sum()
         trace = ((small - big) / (pieces / n - 1 / n)).item()
         assert two[g].grad_variance == pytest.approx(trace / idx.numel(), rel=1e-8, abs=1e-14)
+
+
+class SharedGradient(torch.nn.Module):
+    """``x @ (a + b)``: autograd hands ``a`` and ``b`` one and the same gradient tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ (self.a + self.b)
+
+
+@pytest.mark.parametrize("variance", ["per_example", "micro_batch", "two_batch"])
+def test_noise_is_exact_when_parameters_share_one_gradient_tensor(variance):
+    model = SharedGradient()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(12, generator=g, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        return (m(batch[0]) - batch[1]).square().mean()
+
+    def grad_a(a, b):  # the gradient of a (equal to that of b) on examples a:b, by autograd
+        return torch.autograd.grad(loss_fn(model, (x[a:b], y[a:b])), model.a)[0]
+
+    size = 1 if variance == "per_example" else 3  # examples per sample
+    rows = torch.stack([grad_a(i, i + size) for i in range(0, 12, size)])
+    weights = torch.full((rows.shape[0],), float(size), dtype=torch.float64)
+    centre = grad_a(0, 12)
+    exp = _expected(rows, weights, centre, 3)
+    if variance == "two_batch":  # McCandlish et al., App. A: equal to the ANOVA here
+        small, big = rows.square().sum(1).mean(), centre.square().sum()
+        trace = ((small - big) / (rows.shape[0] / 12 - 1 / 12)).item()
+        assert trace / 3 == pytest.approx(exp["grad_variance"], rel=1e-10)
+    report = estimate(
+        model, loss_fn, (x, y), groups={"a": ["a"], "b": ["b"]}, variance=variance,
+        quantities=["grad_norm", "grad_variance"], micro_batches=4, example_chunk_size=5,
+    )  # fmt: skip
+    for group in ("a", "b"):
+        for key in ("grad_norm", "grad_variance", "grad_variance_stderr", "grad_norm_stderr"):
+            got = getattr(report[group], key)
+            assert got == pytest.approx(exp[key], rel=1e-10), (group, key)
+
+
+def test_noise_to_signal_over_several_batches_is_that_of_one_batch_size():
+    """With n equal batches of B examples, noise_to_signal = tr(Σ)/(B‖G‖²) with B the batch
+    size (not N = nB): passing more batches sharpens the estimate of one step's noise, it does
+    not change what is estimated. Checked against the autograd loop, batch by batch."""
+    gen = torch.Generator().manual_seed(3)
+    inputs = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    targets = 4.0 + inputs @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
+    targets = targets + 0.5 * torch.randn(40, 1, generator=gen, dtype=torch.float64)
+    model = torch.nn.Linear(3, 1).double()
+    case = Case("linear", model, inputs, targets, torch.nn.functional.mse_loss)
+    groups = default_groups(case.model)
+    names, cols = _group_columns(case, groups)
+    grads = per_example_loop(case, names)  # (N, P)
+    n_total = grads.shape[0]
+    half = n_total // 2
+    assert 2 * half == n_total and half >= 2
+    batches = [
+        (case.inputs[:half], case.targets[:half]),
+        (case.inputs[half:], case.targets[half:]),
+    ]
+    report = estimate(
+        case.model, case.loss_fn, batches, quantities=["grad_norm", "grad_variance"],
+        variance="per_example",
+    )  # fmt: skip
+    for g, idx in cols.items():
+        sub = grads[:, idx]
+        trace = (exact_trace_sigma(sub[:half]) + exact_trace_sigma(sub[half:])) / 2
+        signal = sub.mean(0).square().sum().item() - trace / n_total  # unbiased ‖G‖²
+        assert signal > 0, "the case must have a detectable signal to test the scaling"
+        expected = trace / (half * signal)
+        assert report[g].noise_to_signal == pytest.approx(expected, rel=1e-8), g
