@@ -45,7 +45,8 @@ def summarise(
         return pd.DataFrame()
     rows = []
     for (task, setting), cell in finals.groupby(["task", "setting"], sort=False):
-        base = cell[cell["policy"] == BASELINE].sort_values("seed")
+        scored = cell[np.isfinite(cell["test_metric"].astype(float))]  # what the tests use
+        base = scored[scored["policy"] == BASELINE].sort_values("seed")
         cell_rows = []
         for policy in _order(list(cell["policy"].unique()), policy_order or []):
             runs = cell[cell["policy"] == policy].sort_values("seed")
@@ -76,6 +77,7 @@ def summarise(
                 "p": math.nan,
                 "effect": math.nan,
             }
+            runs = runs[np.isfinite(runs["test_metric"].astype(float))]
             if policy != BASELINE and len(base) >= 2 and len(runs) >= 2:
                 paired = list(runs["seed"]) == list(base["seed"])
                 c = compare(

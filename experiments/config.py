@@ -136,7 +136,29 @@ def load_config(path: str | Path) -> AblationConfig:
             raw = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config {path.name}: not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config {path.name}: not UTF-8 text ({exc.reason})") from exc
     return parse_config(raw, source=path.name)
+
+
+def _check_setting_overrides(
+    source: str, tasks: tuple[TaskEntry, ...], settings: dict[str, dict[str, Any]]
+) -> None:
+    """Build every task under every setting's overrides now, so that a bad value is refused
+    before the results folder is claimed (not when the runs are planned or executed)."""
+    from .tasks import get_task
+
+    for name, variant in settings.items():
+        overrides = {k: v for k, v in variant.items() if k not in ("schedule", "grouping")}
+        if not overrides:
+            continue
+        for i, entry in enumerate(tasks):
+            try:
+                get_task(entry.name, **entry.options).with_overrides(
+                    **{**entry.overrides, **overrides}
+                )
+            except (UsageError, ValueError, TypeError) as exc:
+                raise fail(source, f"settings.{name} on tasks[{i}] ({entry.label}): {exc}") from exc
 
 
 def parse_config(raw: Mapping[str, Any], source: str = "<config>") -> AblationConfig:
@@ -183,6 +205,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<config>") -> AblationCo
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise fail(source, f"monitor.{key} must be an integer >= 0, got {v!r}")
     settings = parse_settings(source, raw.get("settings", {"default": {}}))
+    _check_setting_overrides(source, tasks, settings)
     device = raw.get("device", "cpu")
     if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise fail(source, f"device must be 'cpu', 'cuda[:N]' or 'mps', got {device!r}")

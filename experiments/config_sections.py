@@ -63,9 +63,11 @@ def int_list(source: str, key: str, value: Any) -> tuple[int, ...]:
     if (
         not isinstance(value, list)
         or not value
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)
+        or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63 for v in value)
     ):
-        raise fail(source, f"{key} must be a non-empty list of integers >= 0, got {value!r}")
+        raise fail(
+            source, f"{key} must be a non-empty list of integers in [0, 2**63), got {value!r}"
+        )
     if len(set(value)) != len(value):
         raise fail(source, f"{key} has duplicates: {value!r}")
     return tuple(value)

@@ -118,12 +118,34 @@ def _validate(name: str, spec: dict[str, Any]) -> None:
                     raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
             if spec["recalibrate_every"] < 1:
                 raise ValueError(f"recalibrate_every must be >= 1, got {spec['recalibrate_every']}")
+            _check_engine_options(spec)
         elif kind == "factors" and not isinstance(spec.get("factors"), Mapping):
             raise ValueError(
                 f"a 'factors' policy needs a factors table, got {spec.get('factors')!r}"
             )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"policy {name!r}: {exc}") from exc
+
+
+def _check_engine_options(spec: Mapping[str, Any]) -> None:
+    """Let the engine check the estimator options now (over a one-layer probe model), with
+    its own messages, so a bad option is refused with the config, not in every run."""
+    import torch
+    from torch import nn
+
+    import engine
+    from policies import SensitivityController
+
+    probe = nn.Linear(2, 2)
+    engine.LayerwiseOptimizer(
+        torch.optim.SGD(probe.parameters(), lr=0.1),
+        model=probe,
+        loss_fn=lambda model, batch: model(batch).square().mean(),
+        controller=SensitivityController(spec["rule"], **spec["controller"]),
+        recalibrate_every=spec["recalibrate_every"],
+        warmup_steps=spec["warmup_steps"],
+        estimator=dict(spec["estimator"]),
+    )
 
 
 def build_policy(spec: Mapping[str, Any], groups: Any) -> dict[str, Any]:

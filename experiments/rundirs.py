@@ -31,9 +31,11 @@ from pathlib import Path
 from .errors import UsageError
 from .manifest import is_finished, read_manifest
 
-__all__ = ["RUNS", "lock", "new_temp_dir", "promote", "recover", "supersede"]
+__all__ = ["RESULTS", "RUNS", "lock", "new_temp_dir", "promote", "recover", "supersede"]
 
 RUNS = "runs"
+#: What an ablation writes into its folder (besides .lock and .cache); --force moves these.
+RESULTS = (RUNS, "ablation.json", "config.toml", "tuning.json", "report.md", "figures", "errors")
 _TMP = ".tmp-"
 _TRASH = ".trash-"
 
@@ -85,7 +87,7 @@ def recover(runs_dir: Path) -> dict[str, int]:
 
 
 def supersede(out: Path, old_hash: str) -> Path:
-    """Move the results of another config (runs, tuning, report, ablation.json) into
+    """Move the results of another config (:data:`RESULTS`: runs, tuning, report, errors...) into
     ``superseded/<old hash[:12]>-<n>/``; nothing is deleted. Returns that folder."""
     base = out / "superseded"
     base.mkdir(exist_ok=True)
@@ -94,7 +96,7 @@ def supersede(out: Path, old_hash: str) -> Path:
         n += 1
     target = base / f"{old_hash[:12]}-{n}"
     target.mkdir()
-    for name in (RUNS, "ablation.json", "config.toml", "tuning.json", "report.md", "figures"):
+    for name in RESULTS:
         if (out / name).exists():
             os.replace(out / name, target / name)
     return target

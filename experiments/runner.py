@@ -33,7 +33,7 @@ from .config import AblationConfig
 from .errors import UsageError
 from .manifest import is_finished, read_done, versions, write_done
 from .plan import RunSpec, choose_lr, final_specs, lr_grid, tuning_specs
-from .rundirs import RUNS, lock, new_temp_dir, promote, recover, supersede
+from .rundirs import RESULTS, RUNS, lock, new_temp_dir, promote, recover, supersede
 
 __all__ = ["AblationResult", "ablate", "run_one"]
 
@@ -113,8 +113,10 @@ def _claim(
     old_hash = None
     if marker.is_file():
         old_hash = read_json(marker).get("config_hash", "unknown")
-    elif runs.is_dir() and any(runs.iterdir()):
-        old_hash = "unknown"
+    elif (runs.is_dir() and any(runs.iterdir())) or any(
+        (out / name).exists() for name in RESULTS if name != RUNS
+    ):
+        old_hash = "unknown"  # not ours, or written by hand: never overwrite it
     if old_hash is not None and old_hash != config.hash:
         if not force:
             raise UsageError(
@@ -137,6 +139,19 @@ def _claim(
             write_text(out / "config.toml", config_text)
 
 
+def _check_device(device: str) -> None:
+    """Refuse a config device this machine lacks before the results folder is claimed."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (index and (not index.isdigit() or int(index) >= count)):
+            raise UsageError(f"config device {device!r}: this machine has {count} CUDA device(s)")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"config device {device!r}: MPS is not available on this machine")
+
+
 def ablate(
     config: AblationConfig,
     out: str | Path,
@@ -153,6 +168,7 @@ def ablate(
         raise TypeError(f"config must be an AblationConfig, got {type(config).__name__}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    _check_device(config.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = AblationResult(out=out)

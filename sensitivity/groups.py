@@ -106,6 +106,8 @@ def resolve_groups(model: nn.Module, groups: Mapping[str, Iterable[str]] | None)
         if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
             raise TypeError(f"groups[{gname!r}] must be a list of parameter names, got {names!r}")
         names = list(names)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"groups[{gname!r}] must list parameter names (strings), got {names!r}")
         unknown = [n for n in names if n not in alias]
         if unknown:
             raise ValueError(

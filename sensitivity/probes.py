@@ -30,6 +30,8 @@ def make_generator(device: torch.device | str, seed: int) -> torch.Generator:
     """A fresh generator on ``device`` seeded with ``seed`` (an int >= 0)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if seed >= 2**64:  # torch.Generator.manual_seed takes 64-bit seeds
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     return torch.Generator(device=device).manual_seed(seed)
 
 

@@ -85,6 +85,8 @@ def check_options(
     check_int("micro_batches", micro_batches, 2)
     check_int("example_chunk_size", example_chunk_size, 1, optional=True)
     check_int("seed", seed, 0)
+    if seed >= 2**64:  # torch.Generator.manual_seed takes 64-bit seeds
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if not isinstance(isolated, bool):
         raise TypeError(f"isolated must be a bool, got {isolated!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -144,6 +144,32 @@ BAD = {
         'seeds = [0]\ntasks = ["digits_mlp"]\npolicies = ["uniform"]\n[tuning]\nseeds = [0]\n',
         "overlap",
     ),
+    # Checked before the folder is claimed: a bad value here used to surface only when the
+    # runs were planned or executed, after ablation.json had tied --out to the bad config.
+    "bad setting override": (
+        'seeds = [0]\ntasks = ["digits_mlp"]\npolicies = ["uniform"]\n[settings.short]\n'
+        "steps = -5\n",
+        "settings.short",
+    ),
+    "bad setting grid": (
+        'seeds = [0]\ntasks = ["digits_mlp"]\npolicies = ["uniform"]\n[settings.g]\n'
+        'lr_grid = "x"\n',
+        "settings.g",
+    ),
+    "bad estimator option": (
+        'seeds = [0]\ntasks = ["digits_mlp"]\n[policies.uniform]\n'
+        "[policies.curvature]\nestimator = { probes = -1 }\n",
+        "probes",
+    ),
+    "unknown estimator option": (
+        'seeds = [0]\ntasks = ["digits_mlp"]\n[policies.uniform]\n'
+        "[policies.curvature]\nestimator = { probez = 2 }\n",
+        "probez",
+    ),
+    "seed beyond 64 bits": (
+        'seeds = [99999999999999999999]\ntasks = ["digits_mlp"]\npolicies = ["uniform"]\n',
+        "seeds",
+    ),
 }
 
 
@@ -164,6 +190,29 @@ def test_missing_config_and_report_of_nothing(tmp_path, capsys):
     assert "neither a file nor a bundled config" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "no runs/ folder" in capsys.readouterr().err
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_run(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "cuda.toml"
+    path.write_text(
+        'seeds = [0]\ntasks = ["digits_mlp"]\npolicies = ["uniform"]\ndevice = "cuda"\n'
+    )
+    assert main(["ablate", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "device 'cuda'" in err
+    assert not (tmp_path / "out").exists(), "nothing is written for an absent device"
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe\x00seeds")
+    assert main(["ablate", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "config binary.toml" in err and "UTF-8" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bundled_configs_parse():

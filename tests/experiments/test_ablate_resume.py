@@ -145,3 +145,30 @@ def test_a_live_lock_refuses_a_second_writer(copy):
     (copy / ".lock").write_text(f"{socket.gethostname()} 999999999")  # stale: taken over
     assert ablate(load_config(TINY), copy, progress=False, report=False).skipped == 8
     assert not (copy / ".lock").exists()
+
+
+def test_force_moves_the_old_error_files_aside_too(tmp_path):
+    """Failures of the superseded config must not be reported as failures of the new one."""
+    from experiments.rundirs import supersede
+
+    out = tmp_path / "out"
+    (out / "runs" / "final__a__uniform__default__s0").mkdir(parents=True)
+    (out / "errors").mkdir()
+    (out / "errors" / "final__a__uniform__default__s1.txt").write_text("Traceback ...")
+    (out / "ablation.json").write_text("{}")
+    aside = supersede(out, "0123456789abcdef")
+    assert (aside / "errors" / "final__a__uniform__default__s1.txt").read_text() == "Traceback ..."
+    assert not (out / "errors").exists() and not (out / "runs").exists()
+
+
+def test_a_folder_holding_someone_elses_report_is_refused(tmp_path, capsys):
+    """No ablation.json and no runs/, but a report.md the ablation would overwrite."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes")
+    code = main(["ablate", str(TINY), "--out", str(out), "--no-report", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds results of another config" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (out / "report.md").read_text() == "my own notes"
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"], "nothing written"

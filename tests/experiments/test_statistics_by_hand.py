@@ -130,3 +130,27 @@ def test_steps_to_target_and_band():
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_summarise_leaves_out_a_non_finite_test_metric():
+    """A run whose test metric is NaN is left out of the test as it is of the interval
+    (it used to reach compare() and stop the whole report with 'a must be finite')."""
+    import math
+
+    import pandas as pd
+
+    from experiments.comparisons import summarise
+
+    rows = []
+    for policy, values in {"uniform": [0.80, 0.82, 0.84], "noise": [0.83, math.nan, 0.88]}.items():
+        for seed, value in enumerate(values):
+            rows.append(
+                dict(task="t", setting="default", policy=policy, seed=seed, lr=0.1,
+                     test_metric=value, metric="accuracy", steps_to_target=10.0,
+                     train_time=1.0, fallback_events=0, status="ok")
+            )  # fmt: skip
+    row = summarise(pd.DataFrame(rows)).set_index("policy").loc["noise"]
+    expected = welch_test([0.83, 0.88], [0.80, 0.82, 0.84])  # seeds no longer match
+    assert row["n"] == 2 and row["test"] == "welch"
+    assert row["p"] == pytest.approx(expected.p_value, rel=1e-12)
+    assert row["delta"] == pytest.approx(0.855 - 0.82, abs=1e-12)

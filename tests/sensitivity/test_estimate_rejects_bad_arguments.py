@@ -50,6 +50,11 @@ BAD = [
         r"groups\['a'\] must be a list of parameter names, got '0.weight'",
     ),
     ({"groups": {"a": []}}, ValueError, r"groups\['a'\] is empty"),
+    (
+        {"groups": {"a": [["0.weight"]]}}, TypeError,
+        r"groups\['a'\] must list parameter names \(strings\), got \[\['0.weight'\]\]",
+    ),
+    ({"seed": 2**64}, ValueError, r"seed must be an int in \[0, 2\*\*64\), got 1844674407370"),
     ({"groups": {"": ["0.weight"]}}, ValueError, r"group names must be non-empty strings, got ''"),
     ({"groups": {}}, ValueError, r"groups is empty"),
     ({"groups": [("a", ["0.weight"])]}, TypeError, r"groups must be a mapping"),
@@ -104,6 +109,16 @@ def test_variance_needs_two_examples_and_per_example_rejects_batchnorm():
     bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double()
     with pytest.raises(ValueError, match=r"variance='per_example' is undefined .* BatchNorm"):
         estimate(bn, _ce, case.batch, variance="per_example")
+    # BatchNorm cannot normalise a micro-batch of one example: a clear error, not torch's
+    for variance in ("auto", "micro_batch", "two_batch"):
+        with pytest.raises(
+            ValueError,
+            match=r"micro_batches=4 on a model with BatchNorm in training mode needs batches of "
+            r">= 8 examples \(>= 2 per micro-batch\), batch 0 has 6; lower micro_batches",
+        ):
+            estimate(bn, _ce, (x[:6], y[:6]), variance=variance)
+    assert estimate(bn, _ce, (x[:6], y[:6]), micro_batches=3)["1"].grad_variance >= 0
+    estimate(bn, _ce, (x[:6], y[:6]), quantities=["grad_norm", "hessian_trace"])
 
 
 def test_model_without_trainable_parameters():
@@ -148,6 +163,8 @@ def test_probe_and_two_batch_helpers_validate():
     gen = make_generator("cpu", 0)
     with pytest.raises(ValueError, match=r"seed must be an int >= 0, got -3"):
         make_generator("cpu", -3)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\), got 18446"):
+        make_generator("cpu", 2**64)
     with pytest.raises(ValueError, match=r"count must be an int >= 1, got 0"):
         draw_probes({"w": torch.zeros(2)}, 0, gen)
     with pytest.raises(ValueError, match=r"distribution must be one of .* got 'uniform'"):
