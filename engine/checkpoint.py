@@ -28,8 +28,9 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from policies.schedule_base import check_int
+
 from .multipliers import MULTIPLIER_KEY, check_multiplier
-from .options import check_count
 
 if TYPE_CHECKING:
     from .optimizer import LayerwiseOptimizer
@@ -88,8 +89,8 @@ def _check_entry(engine: LayerwiseOptimizer, state_dict: Any) -> dict[str, Any]:
             f"state_dict[{ENGINE_KEY!r}] has version {entry['version']!r}, "
             f"this engine reads version {FORMAT_VERSION}"
         )
-    check_count(f"state_dict[{ENGINE_KEY!r}]['step']", entry["step"], minimum=0)
-    check_count(f"state_dict[{ENGINE_KEY!r}]['batches_drawn']", entry["batches_drawn"], minimum=0)
+    check_int(f"state_dict[{ENGINE_KEY!r}]['step']", entry["step"], minimum=0)
+    check_int(f"state_dict[{ENGINE_KEY!r}]['batches_drawn']", entry["batches_drawn"], minimum=0)
     names = list(engine._names)
     saved = entry["group_names"]
     groups = state_dict.get("param_groups")

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from policies.schedule_base import check_int
+
 from .batches import BatchSource
 from .callbacks import as_callback
 from .checkpoint import ENGINE_KEY, pack_state, unpack_state
@@ -45,7 +47,6 @@ from .multipliers import (
     restore_multipliers,
 )
 from .naming import name_groups
-from .options import check_count
 from .recalibration import Recalibrator
 
 __all__ = ["LayerwiseOptimizer"]
@@ -113,9 +114,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 f"({type(optimizer).__name__})"
             )
         self.base = optimizer
-        self.recalibrate_every = check_count("recalibrate_every", recalibrate_every, minimum=1)
-        self.warmup_steps = check_count("warmup_steps", warmup_steps, minimum=0)
-        check_count("seed", seed, minimum=0)
+        self.recalibrate_every = check_int("recalibrate_every", recalibrate_every, minimum=1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        check_int("seed", seed, minimum=0)
         # Everything is checked before anything is written into the user's optimizer.
         self._names = name_groups(optimizer.param_groups, assign=False)
         multipliers = [

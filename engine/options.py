@@ -14,13 +14,11 @@ the small CNN of ``python -m experiments.benchmarks.engine`` (about 7%; 8 probes
 from __future__ import annotations
 
 import inspect
-import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = [
     "DEFAULT_PROBES",
-    "check_count",
     "estimator_options",
     "make_controller",
     "required_quantities",
@@ -39,21 +37,6 @@ _RULE_QUANTITIES = {
     "trust_ratio": (),
     "uniform": (),
 }
-
-
-def check_count(name: str, value: Any, *, minimum: int | None) -> int:
-    """``value`` as an int (bools and floats refused) >= ``minimum``, else an error naming it."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be an integer, got {value!r} ({type(value).__name__})"
-        ) from None
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def required_quantities(controller: Any) -> list[str] | str:

@@ -27,9 +27,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from policies.schedule_base import check_int
+
 from .multipliers import MULTIPLIER_KEY, check_multiplier, effective_lr
 from .naming import parameter_mapping, unwrap_model
-from .options import check_count, estimator_options, make_controller, samples_behind, wants, without
+from .options import estimator_options, make_controller, samples_behind, wants, without
 
 __all__ = ["Outcome", "Recalibrator"]
 
@@ -79,7 +81,7 @@ class Recalibrator:
         self.module = unwrap_model(model)
         self.mapping = parameter_mapping(model, optimizer.param_groups)
         self.options = estimator_options(estimator, self.controller, self.module, loss_fn)
-        self.seed = check_count("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0)
         device = next(iter(self.module.parameters())).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.seed)
@@ -241,7 +243,7 @@ class Recalibrator:
                 f"{where}['generator'] must be a uint8 tensor of shape {tuple(current.shape)} "
                 f"(torch.Generator.get_state()), got {rng!r:.80}"
             )
-        seed = check_count(f"{where}['seed']", state["seed"], minimum=0)
+        seed = check_int(f"{where}['seed']", state["seed"], minimum=0)
         self.controller.load_state_dict(state["controller"])
         self.generator.set_state(rng.clone())
         self.seed = seed

@@ -21,12 +21,17 @@ def mlp(seed: int = 0, dropout: float = 0.1, dtype: torch.dtype = torch.float32)
     return net.to(dtype)
 
 
-def named_groups(net: nn.Module, **hyper: object) -> list[dict]:
-    """One optimizer group per Linear layer, named fc0, fc1, fc2."""
+def named_groups(net: nn.Module, *, tensor_lr: bool = False, **hyper: object) -> list[dict]:
+    """One optimizer group per Linear layer, named fc0, fc1, fc2; with ``tensor_lr`` each
+    group's rate is a 0-d tensor (0.01, ``foreach`` off, as torch requires)."""
     linears = [m for m in net if isinstance(m, nn.Linear)]
-    return [
+    groups = [
         {"params": list(m.parameters()), "name": f"fc{i}", **hyper} for i, m in enumerate(linears)
     ]
+    if tensor_lr:
+        for g in groups:
+            g["lr"], g["foreach"] = torch.tensor(0.01), False
+    return groups
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

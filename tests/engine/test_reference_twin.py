@@ -30,10 +30,7 @@ def _controller(rule: str) -> SensitivityController:
 
 def _setup(opt_name: str, tensor_lr: bool):
     net = mlp()
-    groups = named_groups(net)
-    if tensor_lr:
-        for g in groups:
-            g["lr"], g["foreach"] = torch.tensor(0.01), False
+    groups = named_groups(net, tensor_lr=tensor_lr)
     base = OPTIMIZERS[opt_name](groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=STEPS)
     return net, base, sched

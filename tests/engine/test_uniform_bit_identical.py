@@ -30,10 +30,7 @@ STEPS = 7
 
 def _train(opt_name, sched_name, wrapped, tensor_lr=False, quantities=("grad_norm",)):
     net = mlp()
-    groups = named_groups(net)
-    if tensor_lr:
-        for g in groups:
-            g["lr"], g["foreach"] = torch.tensor(0.01), False
+    groups = named_groups(net, tensor_lr=tensor_lr)
     base = OPTIMIZERS[opt_name](groups)
     opt = base
     if wrapped:
