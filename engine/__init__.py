@@ -1,22 +1,24 @@
 """Engine: :class:`LayerwiseOptimizer` wraps a torch optimizer and applies per-group
 multipliers from a controller, refreshed at each recalibration.
 
-Modules, one concept each: :mod:`~engine.optimizer` (the wrapper and its step),
-:mod:`~engine.multipliers` (apply for the step, restore exactly), :mod:`~engine.recalibration`
-(estimate, decide, apply), :mod:`~engine.options` (controller and estimator options),
-:mod:`~engine.distributed` (pooling reports across DDP ranks), :mod:`~engine.checkpoint`
-(the engine's part of the optimizer state dict), :mod:`~engine.history` (the recalibration
-log and its CSV/Parquet file), :mod:`~engine.callbacks` (callbacks, TensorBoard writers),
-:mod:`~engine.batches` (estimation batches from an iterable), :mod:`~engine.naming`
-(group and parameter names).
+Modules, one concept each: :mod:`~layerwise.engine.optimizer` (the wrapper and its step),
+:mod:`~layerwise.engine.multipliers` (apply for the step, restore exactly),
+:mod:`~layerwise.engine.recalibration`
+(estimate, decide, apply), :mod:`~layerwise.engine.options` (controller and estimator options),
+:mod:`~layerwise.engine.distributed` (pooling reports across DDP ranks),
+:mod:`~layerwise.engine.checkpoint`
+(the engine's part of the optimizer state dict), :mod:`~layerwise.engine.history` (the recalibration
+log and its CSV/Parquet file), :mod:`~layerwise.engine.callbacks` (callbacks, TensorBoard writers),
+:mod:`~layerwise.engine.batches` (estimation batches from an iterable),
+:mod:`~layerwise.engine.naming` (group and parameter names).
 """
 
-from .callbacks import ScalarLogger, as_callback
-from .distributed import pool_reports
-from .history import HISTORY_COLUMNS, History
-from .multipliers import MULTIPLIER_KEY, apply_multipliers, restore_multipliers
-from .optimizer import LayerwiseOptimizer
-from .options import DEFAULT_PROBES, required_quantities
+from layerwise.engine.callbacks import ScalarLogger, as_callback
+from layerwise.engine.distributed import pool_reports
+from layerwise.engine.history import HISTORY_COLUMNS, History
+from layerwise.engine.multipliers import MULTIPLIER_KEY, apply_multipliers, restore_multipliers
+from layerwise.engine.optimizer import LayerwiseOptimizer
+from layerwise.engine.options import DEFAULT_PROBES, required_quantities
 
 __all__: list[str] = [
     "DEFAULT_PROBES",

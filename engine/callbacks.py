@@ -3,8 +3,8 @@
 :func:`as_callback` accepts
 
 - a callable ``callback(decision, report, step)``, called after every recalibration that
-  reached the controller, with its :class:`policies.Decision`, the
-  :class:`sensitivity.SensitivityReport` it was made from (``None`` for a fallback that
+  reached the controller, with its :class:`layerwise.policies.Decision`, the
+  :class:`layerwise.sensitivity.SensitivityReport` it was made from (``None`` for a fallback that
   ``observe_validation`` triggered), and the engine's step;
 - any object with ``add_scalar(tag, value, step)`` (TensorBoard's ``SummaryWriter``, or a
   Weights & Biases/Aim adapter with that method), wrapped in :class:`ScalarLogger`.

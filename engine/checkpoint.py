@@ -12,7 +12,8 @@ top-level entry ``"layerwise"`` of plain data:
 ``recalibrator``    ``{"controller": controller.state_dict(), "generator": uint8 tensor,
                     "seed": int}`` (``None`` without a controller)
 ``batches_drawn``   estimation batches drawn from ``batches=`` so far
-``scheduler``       the internal :class:`policies.LayerwiseLR` state (``None`` without one)
+``scheduler``       the internal :class:`layerwise.policies.LayerwiseLR` state (``None`` without
+one)
 ``history``         the recalibration rows (the file, if any, is left as it is)
 ==================  ===================================================================
 
@@ -28,12 +29,11 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from policies.schedule_base import check_int
-
-from .multipliers import MULTIPLIER_KEY, check_multiplier
+from layerwise.engine.multipliers import MULTIPLIER_KEY, check_multiplier
+from layerwise.policies.schedule_base import check_int
 
 if TYPE_CHECKING:
-    from .optimizer import LayerwiseOptimizer
+    from layerwise.engine.optimizer import LayerwiseOptimizer
 
 __all__ = ["ENGINE_KEY", "FORMAT_VERSION", "pack_state", "unpack_state"]
 

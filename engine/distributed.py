@@ -26,7 +26,8 @@ Pooled per group (w_r = b_r / B):
                            concatenated batch exactly. Without per-rank variances (M_r = 1,
                            tr_r = 0) it is the two-batch estimator of McCandlish et al. (2018,
                            App. A) with each rank's local gradient as a small batch and the
-                           all-reduced one as the big batch (= :func:`sensitivity.two_batch_noise`
+                           all-reduced one as the big batch (=
+                           :func:`layerwise.sensitivity.two_batch_noise`
                            for equal b_r), generalised to unequal b_r
 ``noise_to_signal``        tr(Σ̂) / (B ‖Ḡ‖² − tr(Σ̂)), the estimator's bias-corrected convention
 ``grad_variance_stderr``   sqrt(Σ_r ((M_r − 1)/(M − 1))² se_r²), the within-rank part only
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensitivity import EstimateCost, GroupEstimate, SensitivityReport
+from layerwise.sensitivity import EstimateCost, GroupEstimate, SensitivityReport
 
 __all__ = [
     "all_finite",
@@ -89,10 +90,10 @@ def local_mean_gradient(
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The mean-loss gradient on ``batch`` for the parameters ``names``, computed on detached
-    copies (:class:`sensitivity.functional.FunctionalLoss`, in ``dtype`` if given, as the
+    copies (:class:`layerwise.sensitivity.functional.FunctionalLoss`, in ``dtype`` if given, as the
     estimator computes), leaving no trace."""
-    from sensitivity.batching import cast_batch
-    from sensitivity.functional import FunctionalLoss, leaves_no_trace
+    from layerwise.sensitivity.batching import cast_batch
+    from layerwise.sensitivity.functional import FunctionalLoss, leaves_no_trace
 
     with leaves_no_trace(model), torch.enable_grad():
         loss = FunctionalLoss(model, loss_fn, names, dtype)
@@ -240,7 +241,7 @@ def pool_reports(
 
 
 def _noise_to_signal(trace: float, grad_sq: float, examples: float) -> float:
-    """tr(Σ̂) / (N ‖Ĝ‖² − tr(Σ̂)), as :func:`sensitivity.gradient_stats.noise_to_signal`:
+    """tr(Σ̂) / (N ‖Ĝ‖² − tr(Σ̂)), as :func:`layerwise.sensitivity.gradient_stats.noise_to_signal`:
     ``inf`` when the denominator is <= 0 while tr(Σ̂) > 0, 0 when tr(Σ̂) == 0, NaN stays NaN."""
     if trace == 0:
         return 0.0

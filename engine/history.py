@@ -8,7 +8,7 @@ the next step), ``reason`` (the controller's, or why the recalibration was skipp
 ``fallback`` (whether the controller fell back to uniform), ``event`` (the controller's
 event line, or ``None``), ``skipped`` (``True`` when the engine skipped the recalibration,
 e.g. on non-finite gradients, and kept the multipliers), then the estimate of the group
-(the columns of :meth:`sensitivity.SensitivityReport.to_frame` after ``group``; ``NaN``
+(the columns of :meth:`layerwise.sensitivity.SensitivityReport.to_frame` after ``group``; ``NaN``
 where not measured) and ``estimate_seconds``.
 
 Files, so that nothing already written is lost:
@@ -29,11 +29,12 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+from layerwise.sensitivity.report import COLUMNS as REPORT_COLUMNS
 
-from sensitivity.report import COLUMNS as REPORT_COLUMNS
+if TYPE_CHECKING:  # pandas is imported where a frame is made
+    import pandas as pd
 
 __all__ = ["HISTORY_COLUMNS", "History", "check_path", "open_writer"]
 
@@ -54,6 +55,8 @@ HISTORY_COLUMNS: tuple[str, ...] = (
 
 
 def _frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
     frame = pd.DataFrame([{c: row.get(c) for c in HISTORY_COLUMNS} for row in rows])
     if frame.empty:
         frame = pd.DataFrame(columns=list(HISTORY_COLUMNS))
@@ -103,6 +106,7 @@ class _CSVWriter:
                 handle.truncate(data.rfind(b"\n") + 1)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
+
         new = not self.path.exists() or self.path.stat().st_size == 0
         text = _frame(rows).to_csv(index=False, header=new, lineterminator="\n")
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -116,6 +120,8 @@ class _ParquetWriter:
         self._frame: pd.DataFrame | None = None
 
     def append(self, rows: list[dict[str, Any]]) -> None:
+        import pandas as pd
+
         if self._frame is None:
             self._frame = pd.read_parquet(self.path) if self.path.exists() else _frame([])
             if list(self._frame.columns) != list(HISTORY_COLUMNS):

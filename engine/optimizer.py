@@ -5,13 +5,13 @@ The engine wraps the optimizer the user already has and delegates to it (``param
 around the base step:
 
 1. multiply ``group["lr"]`` by ``group["lr_multiplier"]`` (groups at exactly 1 skipped),
-   run the base step, restore the base rate bit for bit (:mod:`engine.multipliers`);
+   run the base step, restore the base rate bit for bit (:mod:`layerwise.engine.multipliers`);
 2. count the step; after the ``s``-th step with ``s >= warmup_steps``,
    ``(s - warmup_steps) % recalibrate_every == 0`` and ``s > 0``, recalibrate
-   (:mod:`engine.recalibration`) at the parameters just updated, on the batch given to
+   (:mod:`layerwise.engine.recalibration`) at the parameters just updated, on the batch given to
    ``step(batch)`` or the next one of ``batches``; the new multipliers apply from the next
    step on;
-3. with ``schedule``/``factors``, advance the engine's own :class:`policies.LayerwiseLR`.
+3. with ``schedule``/``factors``, advance the engine's own :class:`layerwise.policies.LayerwiseLR`.
 
 Outside ``step()``, ``group["lr"]`` is the base rate owned by the user's torch scheduler (or
 by ``schedule``/``factors``), so any ``LRScheduler`` composes unchanged; the engine is a
@@ -33,21 +33,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from policies.schedule_base import check_int
-
-from .batches import BatchSource
-from .callbacks import as_callback
-from .checkpoint import ENGINE_KEY, pack_state, unpack_state
-from .history import History, check_path
-from .multipliers import (
+from layerwise.engine.batches import BatchSource
+from layerwise.engine.callbacks import as_callback
+from layerwise.engine.checkpoint import ENGINE_KEY, pack_state, unpack_state
+from layerwise.engine.history import History, check_path
+from layerwise.engine.multipliers import (
     MULTIPLIER_KEY,
     apply_multipliers,
     check_multiplier,
     effective_lr,
     restore_multipliers,
 )
-from .naming import name_groups
-from .recalibration import Recalibrator
+from layerwise.engine.naming import name_groups
+from layerwise.engine.recalibration import Recalibrator
+from layerwise.policies.schedule_base import check_int
 
 __all__ = ["LayerwiseOptimizer"]
 
@@ -60,18 +59,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             ``"group{i}"`` by default).
         model, loss_fn: the model (DDP/compiled wrappers are unwrapped) and
             ``loss_fn(model, batch) -> mean loss``; required with a ``controller``.
-        controller: a :class:`policies.SensitivityController` (or a rule name such as
+        controller: a :class:`layerwise.policies.SensitivityController` (or a rule name such as
             ``"curvature"``, which builds one with default settings); ``None`` keeps every
             multiplier at 1 (schedule/factors only).
         recalibrate_every, warmup_steps: the recalibration interval and the steps before the
             first one (see the module docstring).
         batches: an iterable of estimation batches, drawn one per recalibration when
             ``step()`` gets no batch.
-        estimator: keyword arguments for :func:`sensitivity.estimate` (e.g. ``probes``,
+        estimator: keyword arguments for :func:`layerwise.sensitivity.estimate` (e.g. ``probes``,
             ``quantities``); the engine owns ``groups``, ``generator`` and ``seed``.
-        schedule, factors: a :class:`policies.Schedule` (or ``{group: Schedule}``) and
-            ``{group: factor}``, applied by an internal :class:`policies.LayerwiseLR` instead
-            of a torch scheduler: base rate ``initial_lr * factor * schedule(step)``.
+        schedule, factors: a :class:`layerwise.policies.Schedule` (or ``{group: Schedule}``) and
+            ``{group: factor}``, applied by an internal :class:`layerwise.policies.LayerwiseLR`
+            instead of a torch scheduler: base rate ``initial_lr * factor * schedule(step)``.
         history: a ``.csv`` or ``.parquet`` path the recalibration log is appended to.
         callback: ``callback(decision, report, step)`` or a TensorBoard ``SummaryWriter``.
         seed: seed of the probe generator (the same on every rank under DDP).
@@ -242,7 +241,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _make_scheduler(self, schedule: Any, factors: Mapping[str, float] | None) -> Any:
         if schedule is None and factors is None:
             return None
-        from policies import LayerwiseLR, schedules
+        from layerwise.policies import LayerwiseLR, schedules
 
         if schedule is None:
             schedule = schedules.constant(1.0)
@@ -293,7 +292,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     @property
     def history(self) -> Any:
-        """Every recalibration as a ``pandas.DataFrame`` (see :mod:`engine.history`)."""
+        """Every recalibration as a ``pandas.DataFrame`` (see :mod:`layerwise.engine.history`)."""
         return self._history.frame
 
     @property
@@ -323,7 +322,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (groups carry ``name`` and ``lr_multiplier``)
-        plus the engine's state under the key ``"layerwise"`` (see :mod:`engine.checkpoint`)."""
+        plus the engine's state under the key ``"layerwise"`` (see
+        :mod:`layerwise.engine.checkpoint`)."""
         state = self.base.state_dict()
         state[ENGINE_KEY] = pack_state(self)
         return state

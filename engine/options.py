@@ -7,8 +7,8 @@ check reads it), and ``"all"`` for a rule this module does not know.
 
 Probes: :data:`DEFAULT_PROBES` = 4 Hutchinson probes per recalibration. With the default
 interval (100 steps) this keeps the whole recalibration cost under 10% of training time on
-the small CNN of ``python -m experiments.benchmarks.engine`` (about 7%; 8 probes cost about
-15-20% there); the controller's smoothing pools the probes of successive recalibrations.
+the small CNN of ``python -m layerwise.experiments.benchmarks.engine`` (about 7%; 8 probes cost
+about 15-20% there); the controller's smoothing pools the probes of successive recalibrations.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def required_quantities(controller: Any) -> list[str] | str:
 
 
 def make_controller(controller: Any) -> Any:
-    """A rule name builds a :class:`policies.SensitivityController`; any object with
+    """A rule name builds a :class:`layerwise.policies.SensitivityController`; any object with
     ``update``, ``state_dict`` and ``load_state_dict`` is taken as it is."""
     if isinstance(controller, str):
-        from policies import SensitivityController
+        from layerwise.policies import SensitivityController
 
         return SensitivityController(controller)
     needed = ("update", "state_dict", "load_state_dict")
@@ -72,9 +72,9 @@ def make_controller(controller: Any) -> Any:
 def estimator_options(
     estimator: Mapping[str, Any] | None, controller: Any, model: Any, loss_fn: Any
 ) -> dict[str, Any]:
-    """The keyword arguments for :func:`sensitivity.estimate`, checked now (not at the first
-    recalibration): known names only, none of those the engine sets, valid values."""
-    from sensitivity import estimate
+    """The keyword arguments for :func:`layerwise.sensitivity.estimate`, checked now (not at the
+    first recalibration): known names only, none of those the engine sets, valid values."""
+    from layerwise.sensitivity import estimate
 
     if estimator is None:
         estimator = {}
@@ -101,9 +101,9 @@ def estimator_options(
 def _validate_now(estimate: Callable[..., Any], model: Any, loss_fn: Any, options: dict) -> None:
     """Check the estimator options at construction, not at the first recalibration, with
     the estimator's own checks (so the messages are its messages)."""
-    from sensitivity.hvp import HVP_MODES
-    from sensitivity.probes import DISTRIBUTIONS
-    from sensitivity.validation import check_options, check_quantities
+    from layerwise.sensitivity.hvp import HVP_MODES
+    from layerwise.sensitivity.probes import DISTRIBUTIONS
+    from layerwise.sensitivity.validation import check_options, check_quantities
 
     bound = inspect.signature(estimate).bind(model, loss_fn, None, **options)
     bound.apply_defaults()
@@ -126,7 +126,8 @@ def without(quantities: Any, name: str) -> list[str]:
 
 def samples_behind(report: Any, size: int, options: Mapping[str, Any]) -> int:
     """Gradient samples M behind a rank's ``grad_variance``: the batch size for per-example
-    gradients, else ``min(micro_batches, size)`` micro-batches (:mod:`sensitivity.microbatch`)."""
+    gradients, else ``min(micro_batches, size)`` micro-batches
+    (:mod:`layerwise.sensitivity.microbatch`)."""
     if report.settings.get("variance") in (None, "per_example"):
         return size
     return min(int(report.settings.get("micro_batches", options.get("micro_batches", 4))), size)

@@ -7,13 +7,13 @@ Order of a recalibration after step ``s`` (:meth:`Recalibrator.run`):
    multipliers are kept, and the skip is logged. Under DDP the verdict is and-ed over ranks.
    Like the estimator's one transfer and the history's rates, it synchronises host and
    device; the engine does so only during a recalibration, never between them.
-2. **Estimate.** :func:`sensitivity.estimate` on the model (unwrapped from DDP or
+2. **Estimate.** :func:`layerwise.sensitivity.estimate` on the model (unwrapped from DDP or
    ``torch.compile``) with the groups ``{group name: [parameter names]}``, the engine's
    probe generator (seeded with ``seed``, advanced by each estimate, checkpointed) and the
-   ``estimator`` options (:mod:`engine.options`). The estimator recomputes its own
+   ``estimator`` options (:mod:`layerwise.engine.options`). The estimator recomputes its own
    gradients from ``loss_fn(model, batch)``, so it sees *unscaled* gradients whatever
    ``GradScaler`` does, and full precision unless ``loss_fn`` enters ``torch.autocast``.
-3. **Pool** across ranks under DDP (:mod:`engine.distributed`).
+3. **Pool** across ranks under DDP (:mod:`layerwise.engine.distributed`).
 4. **Decide and apply.** ``controller.update(report, step=s)``; each multiplier is checked
    (finite, > 0, a known group) and written to ``group["lr_multiplier"]``.
 """
@@ -27,11 +27,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from policies.schedule_base import check_int
-
-from .multipliers import MULTIPLIER_KEY, check_multiplier, effective_lr
-from .naming import parameter_mapping, unwrap_model
-from .options import estimator_options, make_controller, samples_behind, wants, without
+from layerwise.engine.multipliers import MULTIPLIER_KEY, check_multiplier, effective_lr
+from layerwise.engine.naming import parameter_mapping, unwrap_model
+from layerwise.engine.options import (
+    estimator_options,
+    make_controller,
+    samples_behind,
+    wants,
+    without,
+)
+from layerwise.policies.schedule_base import check_int
 
 __all__ = ["Outcome", "Recalibrator"]
 
@@ -92,7 +97,7 @@ class Recalibrator:
 
     # -- the recalibration ------------------------------------------------------------------
     def run(self, batch: Any, step: int, found_inf: torch.Tensor | None) -> Outcome:
-        from . import distributed as ddp
+        from layerwise.engine import distributed as ddp
 
         finite, why = self._gradients_finite(found_inf)
         if ddp.is_distributed():
@@ -118,7 +123,7 @@ class Recalibrator:
         return True, ""
 
     def _estimate(self, batch: Any, ddp: Any) -> Any:
-        from sensitivity import estimate
+        from layerwise.sensitivity import estimate
 
         options = dict(self.options)
         distributed = ddp.is_distributed()
@@ -195,7 +200,7 @@ class Recalibrator:
     def observe_validation(self, value: Any, step: int) -> Outcome | None:
         """Pass ``value`` (averaged over ranks under DDP) to the controller; a fallback it
         returns is applied at once."""
-        from . import distributed as ddp
+        from layerwise.engine import distributed as ddp
 
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:

@@ -3,7 +3,7 @@
 :func:`summarise` gives one row per (task, setting, policy) of final runs:
 
 * ``n``, ``lr`` (the tuned base rate), ``test_mean`` with its percentile-bootstrap
-  interval ``test_low``/``test_high`` (:func:`experiments.statistics.bootstrap_ci`);
+  interval ``test_low``/``test_high`` (:func:`layerwise.experiments.statistics.bootstrap_ci`);
 * against ``uniform``: ``delta`` (difference of mean test metric, policy minus uniform)
   and its bootstrap interval, the t-test (``paired`` when both policies ran the same
   seeds, else ``welch``) with ``p`` and the Holm-adjusted ``p_holm`` over the policies of
@@ -22,7 +22,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .statistics import bootstrap_ci, compare, holm
+from layerwise.experiments.statistics import bootstrap_ci, compare, holm
 
 __all__ = ["BASELINE", "summarise", "verdict_lines"]
 

@@ -35,7 +35,7 @@ Schema (every key but ``tasks``, ``policies`` and ``seeds`` is optional)::
     [settings.NAME]                     # optional variants crossed with everything else:
     schedule = { name = "constant" }    #   schedule, grouping and task overrides
 
-Every problem raises :class:`~experiments.errors.UsageError` with one line naming the
+Every problem raises :class:`~layerwise.experiments.errors.UsageError` with one line naming the
 file, the key and the value. The config hash is the SHA-256 of the parsed TOML as
 canonical JSON, so comments and formatting do not change it.
 """
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config_sections import (
+from layerwise.experiments.config_sections import (
     TaskEntry,
     as_table,
     check_grouping,
@@ -62,7 +62,7 @@ from .config_sections import (
     parse_tasks,
     substitute_budget,
 )
-from .errors import UsageError
+from layerwise.experiments.errors import UsageError
 
 __all__ = [
     "AblationConfig",
@@ -146,7 +146,7 @@ def _check_setting_overrides(
 ) -> None:
     """Build every task under every setting's overrides now, so that a bad value is refused
     before the results folder is claimed (not when the runs are planned or executed)."""
-    from .tasks import get_task
+    from layerwise.experiments.tasks import get_task
 
     for name, variant in settings.items():
         overrides = {k: v for k, v in variant.items() if k not in ("schedule", "grouping")}

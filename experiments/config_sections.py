@@ -1,8 +1,8 @@
-"""Validation of the sections of an ablation config (see :mod:`experiments.config`).
+"""Validation of the sections of an ablation config (see :mod:`layerwise.experiments.config`).
 
 Each function takes the parsed TOML value of one section and the config's file name
 (``source``, for messages) and returns it validated, or raises
-:class:`~experiments.errors.UsageError` with one line naming the file, the key and the
+:class:`~layerwise.experiments.errors.UsageError` with one line naming the file, the key and the
 value. Schedules and groupings are checked by building them (a schedule with a horizon
 of 1,000 steps for ``"budget"``, a grouping of a three-layer probe model).
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UsageError
+from layerwise.experiments.errors import UsageError
 
 __all__ = [
     "LABEL",
@@ -86,7 +86,7 @@ def check_label(source: str, what: str, value: Any) -> str:
 
 
 def parse_tasks(source: str, value: Any) -> tuple[TaskEntry, ...]:
-    from .tasks import get_task
+    from layerwise.experiments.tasks import get_task
 
     if not isinstance(value, list) or not value:
         raise fail(source, f"tasks must be a non-empty list, got {value!r}")
@@ -118,7 +118,7 @@ def parse_tasks(source: str, value: Any) -> tuple[TaskEntry, ...]:
 
 
 def parse_policies(source: str, value: Any) -> dict[str, dict[str, Any]]:
-    from .policy_specs import resolve_policy
+    from layerwise.experiments.policy_specs import resolve_policy
 
     if isinstance(value, list):
         items = [(name, {}) for name in value]
@@ -143,7 +143,7 @@ def parse_policies(source: str, value: Any) -> dict[str, dict[str, Any]]:
 
 
 def check_schedule(source: str, key: str, spec: dict[str, Any]) -> None:
-    from policies import schedules
+    from layerwise.policies import schedules
 
     try:
         schedules.from_spec(substitute_budget(spec, 1000))
@@ -154,7 +154,7 @@ def check_schedule(source: str, key: str, spec: dict[str, Any]) -> None:
 def check_grouping(source: str, key: str, options: dict[str, Any]) -> None:
     from torch import nn
 
-    import policies
+    from layerwise import policies
 
     probe = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.Linear(2, 2))
     opts = dict(options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import UsageError
+from layerwise.experiments.errors import UsageError
 
 __all__ = ["import_object"]
 
@@ -16,7 +16,8 @@ def import_object(path: str, *, what: str = "object") -> Any:
     >>> import_object("math:sqrt")(9.0)
     3.0
 
-    Raises :class:`~experiments.errors.UsageError` naming the path when it does not resolve.
+    Raises :class:`~layerwise.experiments.errors.UsageError` naming the path when it does not
+    resolve.
     """
     if not isinstance(path, str) or path.count(":") != 1:
         raise UsageError(f"{what} must be given as 'package.module:name', got {path!r}")

@@ -22,7 +22,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .atomic import read_json, write_json
+from layerwise.experiments.atomic import read_json, write_json
 
 __all__ = [
     "DONE",
@@ -62,7 +62,7 @@ def versions() -> dict[str, str]:
     import numpy
     import torch
 
-    from . import __version__
+    from layerwise.experiments import __version__
 
     return {
         "layerwise-lr": __version__,
@@ -84,7 +84,7 @@ def build_manifest(
     device: str,
 ) -> dict[str, Any]:
     """The manifest of a run (module docstring) for ``spec``, a
-    :class:`~experiments.plan.RunSpec`."""
+    :class:`~layerwise.experiments.plan.RunSpec`."""
     policy = spec.policy_spec
     return {
         "format": FORMAT,

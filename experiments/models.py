@@ -1,7 +1,7 @@
 """Small bundled models the command line can show by name (``layerwise groups --model cnn``).
 
 Each factory takes keyword arguments with defaults and returns a fresh ``nn.Module``;
-``experiments.models:mlp`` and friends are also valid ``package.module:factory`` paths.
+``layerwise.experiments.models:mlp`` and friends are also valid ``package.module:factory`` paths.
 
 * :func:`mlp`: ``Sequential`` of Linear / BatchNorm1d / ReLU for 8x8 digit images (64 -> 10);
 * :func:`cnn`: a small ResNet: a conv + BatchNorm stem, residual stages, a Linear head;
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CLIError, UsageError
-from .importing import import_object
+from layerwise.experiments.errors import CLIError, UsageError
+from layerwise.experiments.importing import import_object
 
 __all__ = ["DEFAULT_MODEL", "MODELS", "cnn", "mlp", "resolve_model", "transformer"]
 
@@ -128,10 +128,12 @@ def resolve_model(spec: str) -> nn.Module:
     """Build the model named ``spec``: a bundled name or ``package.module:factory``.
 
     A factory is called with no arguments; an ``nn.Module`` instance at the path is used
-    as it is. Anything else is a :class:`~experiments.errors.UsageError` naming ``spec``.
+    as it is. Anything else is a :class:`~layerwise.experiments.errors.UsageError` naming ``spec``.
 
-    >>> type(resolve_model("cnn")).__name__, type(resolve_model("experiments.models:mlp")).__name__
-    ('SmallResNet', 'Sequential')
+    >>> type(resolve_model("cnn")).__name__
+    'SmallResNet'
+    >>> type(resolve_model("layerwise.experiments.models:mlp")).__name__
+    'Sequential'
     """
     if not isinstance(spec, str) or not spec:
         raise UsageError(f"model must be a bundled name or 'package.module:factory', got {spec!r}")

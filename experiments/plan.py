@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import AblationConfig, substitute_budget
+from layerwise.experiments.config import AblationConfig, substitute_budget
 
 __all__ = ["RunSpec", "choose_lr", "final_specs", "lr_grid", "tuning_specs"]
 
@@ -93,7 +93,7 @@ class RunSpec:
 
 
 def _cells(config: AblationConfig) -> Iterable[tuple[Any, str, dict, str, dict, Any]]:
-    from .tasks import get_task
+    from layerwise.experiments.tasks import get_task
 
     for entry in config.tasks:
         for setting, variant in config.settings.items():

@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_write
-from .statistics import t_band
+from layerwise.experiments.atomic import atomic_write
+from layerwise.experiments.statistics import t_band
 
 __all__ = ["plot_curves", "plot_heatmap", "plot_rates", "plot_summary"]
 

@@ -4,11 +4,11 @@ A policy spec is a small dict with a ``kind``:
 
 * ``uniform``: every group at the base rate (the baseline of every comparison);
 * ``layer_decay``: static factors ``decay ** (distance from the output)``
-  (:func:`policies.layer_decay`; keys ``decay``, ``min_factor``);
-* ``discriminative``: static factors by role (:func:`policies.discriminative`; keys
+  (:func:`layerwise.policies.layer_decay`; keys ``decay``, ``min_factor``);
+* ``discriminative``: static factors by role (:func:`layerwise.policies.discriminative`; keys
   ``head``, ``backbone``);
 * ``factors``: an explicit ``{group: factor}`` table (key ``factors``, key ``default``);
-* ``controller``: a :class:`policies.SensitivityController` with ``rule`` (``curvature``,
+* ``controller``: a :class:`layerwise.policies.SensitivityController` with ``rule`` (``curvature``,
   ``noise``, ``trust_ratio``, ``curvature+noise``...), its keyword arguments under
   ``controller``, the estimator options under ``estimator`` (``probes``...), and the
   engine's ``recalibrate_every`` and ``warmup_steps``.
@@ -109,7 +109,7 @@ def _validate(name: str, spec: dict[str, Any]) -> None:
             for key in ("controller", "estimator"):
                 if not isinstance(spec[key], Mapping):
                     raise TypeError(f"{key} must be a table, got {spec[key]!r}")
-            from policies import SensitivityController
+            from layerwise.policies import SensitivityController
 
             SensitivityController(spec["rule"], **spec["controller"])
             for key in ("recalibrate_every", "warmup_steps"):
@@ -133,8 +133,8 @@ def _check_engine_options(spec: Mapping[str, Any]) -> None:
     import torch
     from torch import nn
 
-    import engine
-    from policies import SensitivityController
+    from layerwise import engine
+    from layerwise.policies import SensitivityController
 
     probe = nn.Linear(2, 2)
     engine.LayerwiseOptimizer(
@@ -149,11 +149,11 @@ def _check_engine_options(spec: Mapping[str, Any]) -> None:
 
 
 def build_policy(spec: Mapping[str, Any], groups: Any) -> dict[str, Any]:
-    """Keyword arguments for :class:`engine.LayerwiseOptimizer` that realise ``spec`` over
-    ``groups`` (a :class:`policies.ParamGroups`): ``factors`` (``None`` or a dict),
+    """Keyword arguments for :class:`layerwise.engine.LayerwiseOptimizer` that realise ``spec`` over
+    ``groups`` (a :class:`layerwise.policies.ParamGroups`): ``factors`` (``None`` or a dict),
     ``controller`` (``None`` or a controller) and, for controllers, ``recalibrate_every``,
     ``warmup_steps`` and ``estimator``."""
-    import policies
+    from layerwise import policies
 
     kind = spec["kind"]
     out: dict[str, Any] = {"factors": None, "controller": None}

@@ -1,8 +1,8 @@
 """``report.md`` and its figures for an ablation's results folder.
 
-:func:`write_report` loads the finished runs (:mod:`experiments.results`), compares
-every policy with ``uniform`` per task and setting (:mod:`experiments.comparisons`),
-draws the figures (:mod:`experiments.plots`) into ``figures/`` and writes ``report.md``:
+:func:`write_report` loads the finished runs (:mod:`layerwise.experiments.results`), compares
+every policy with ``uniform`` per task and setting (:mod:`layerwise.experiments.comparisons`),
+draws the figures (:mod:`layerwise.experiments.plots`) into ``figures/`` and writes ``report.md``:
 the verdicts at a glance with a forest plot, how the runs were made (tuning, test
 protocol, statistics), one section per task with its table, curves, per-group rate
 trajectories and sensitivity heat maps, the chosen rates, the fallback events, and any
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import write_text
-from .comparisons import BASELINE, summarise, verdict_lines
-from .plots import plot_curves, plot_heatmap, plot_rates, plot_summary
-from .results import Results, load_results
+from layerwise.experiments.atomic import write_text
+from layerwise.experiments.comparisons import BASELINE, summarise, verdict_lines
+from layerwise.experiments.plots import plot_curves, plot_heatmap, plot_rates, plot_summary
+from layerwise.experiments.results import Results, load_results
 
 __all__ = ["render_report", "text_summary", "write_report"]
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import pandas as pd
 
-from .atomic import read_json
-from .manifest import is_finished, read_done, read_manifest
-from .rundirs import RUNS
+from layerwise.experiments.atomic import read_json
+from layerwise.experiments.manifest import is_finished, read_done, read_manifest
+from layerwise.experiments.rundirs import RUNS
 
 __all__ = ["KEYS", "Results", "load_results"]
 

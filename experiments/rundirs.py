@@ -28,8 +28,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UsageError
-from .manifest import is_finished, read_manifest
+from layerwise.experiments.errors import UsageError
+from layerwise.experiments.manifest import is_finished, read_manifest
 
 __all__ = ["RESULTS", "RUNS", "lock", "new_temp_dir", "promote", "recover", "supersede"]
 

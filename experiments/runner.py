@@ -1,11 +1,11 @@
 """The ablation runner: tune every policy's base rate, then run every seed, in parallel.
 
-:func:`ablate` plans the runs of a config (:mod:`experiments.plan`), skips the finished
+:func:`ablate` plans the runs of a config (:mod:`layerwise.experiments.plan`), skips the finished
 ones, and executes the rest in worker processes (``concurrent.futures`` with the *spawn*
 start method, one torch thread per worker, so results do not depend on ``workers``; with
 ``workers=1`` runs execute in this process). A cell's final runs are submitted as soon as
 all of its tuning runs are in, so workers stay busy. Every run goes to a temporary folder
-that is renamed into place after its done marker (:mod:`experiments.rundirs`); a run that
+that is renamed into place after its done marker (:mod:`layerwise.experiments.rundirs`); a run that
 raises is recorded (``errors/<run id>.txt``) and the others go on.
 
 A results folder belongs to one config (``ablation.json`` holds its hash). Another config
@@ -28,12 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import read_json, write_json, write_text
-from .config import AblationConfig
-from .errors import UsageError
-from .manifest import is_finished, read_done, versions, write_done
-from .plan import RunSpec, choose_lr, final_specs, lr_grid, tuning_specs
-from .rundirs import RESULTS, RUNS, lock, new_temp_dir, promote, recover, supersede
+from layerwise.experiments.atomic import read_json, write_json, write_text
+from layerwise.experiments.config import AblationConfig
+from layerwise.experiments.errors import UsageError
+from layerwise.experiments.manifest import is_finished, read_done, versions, write_done
+from layerwise.experiments.plan import RunSpec, choose_lr, final_specs, lr_grid, tuning_specs
+from layerwise.experiments.rundirs import (
+    RESULTS,
+    RUNS,
+    lock,
+    new_temp_dir,
+    promote,
+    recover,
+    supersede,
+)
 
 __all__ = ["AblationResult", "ablate", "run_one"]
 
@@ -62,7 +70,7 @@ def run_one(
     spec_data: dict[str, Any], runs_dir: str, cache_dir: str | None, config_hash: str
 ) -> dict[str, Any]:
     """Execute one run unless it is finished; never raises (errors come back as data)."""
-    from .training import execute
+    from layerwise.experiments.training import execute
 
     spec = RunSpec.from_dict(spec_data)
     runs = Path(runs_dir)
@@ -181,7 +189,7 @@ def ablate(
         cache.mkdir(exist_ok=True)
         _execute(config, out, runs, cache, workers, progress, result)
     if report:
-        from .reporting import write_report
+        from layerwise.experiments.reporting import write_report
 
         result.report = write_report(out)
     return result

@@ -1,7 +1,7 @@
 """One run of an ablation: build, train through the engine, evaluate, log, summarise.
 
 :func:`execute` trains ``task.build_model(seed)`` with the task's optimizer recipe at the
-spec's base rate, wrapped in :class:`engine.LayerwiseOptimizer` with the policy's static
+spec's base rate, wrapped in :class:`layerwise.engine.LayerwiseOptimizer` with the policy's static
 factors or controller and the base schedule. Batches are drawn without replacement from
 a permutation of the training split reshuffled every epoch (a ``torch.Generator`` seeded
 with the run seed), so two runs with the same seed see the same batches in the same order.
@@ -10,7 +10,7 @@ At step 0, every ``eval_every`` steps and at the last step it evaluates the vali
 split (mean loss and metric, model in eval mode), passes the validation metric to the
 controller (``observe_validation``; mode "max" in the policy presets), optionally measures
 every group's sensitivity on a fixed monitoring batch (Hutchinson curvature ``tr(H_gg)/n_g`` and the
-gradient noise-to-signal ratio, :func:`sensitivity.estimate`, which leaves no trace), and
+gradient noise-to-signal ratio, :func:`layerwise.sensitivity.estimate`, which leaves no trace), and
 appends a row to ``metrics.csv``/``metrics.jsonl``: step, epoch, train loss (mean over the
 steps since the previous evaluation), validation loss and metric, wall time and training
 time (seconds; training time excludes evaluation and monitoring), and per group ``lr/g``
@@ -30,10 +30,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .atomic import atomic_write
-from .manifest import build_manifest, write_manifest
-from .plan import RunSpec
-from .statistics import steps_to_target
+from layerwise.experiments.atomic import atomic_write
+from layerwise.experiments.manifest import build_manifest, write_manifest
+from layerwise.experiments.plan import RunSpec
+from layerwise.experiments.statistics import steps_to_target
 
 __all__ = ["execute"]
 
@@ -132,12 +132,9 @@ def execute(
 
 
 def _execute(spec, run_dir, config_hash, cache_dir, device) -> dict[str, Any]:
-    import engine
-    import policies
-    import sensitivity
-
-    from .policy_specs import build_policy
-    from .tasks import get_task
+    from layerwise import engine, policies, sensitivity
+    from layerwise.experiments.policy_specs import build_policy
+    from layerwise.experiments.tasks import get_task
 
     start = time.perf_counter()
     task = get_task(spec.task, **spec.task_options).with_overrides(**spec.overrides)

@@ -7,27 +7,27 @@ __all__: list[str] = []
 
 # Each section below is owned by one module; add its re-exports in its own section.
 # -- grouping --
-from .grouping import ParamGroup, ParamGroups
-from .grouping_strategies import group_parameters
+from layerwise.policies.grouping import ParamGroup, ParamGroups
+from layerwise.policies.grouping_strategies import group_parameters
 
 __all__ += ["ParamGroup", "ParamGroups", "group_parameters"]
 # -- schedules --
-from . import schedules  # noqa: E402
-from .schedule_base import Schedule  # noqa: E402
+from layerwise.policies import schedules  # noqa: E402
+from layerwise.policies.schedule_base import Schedule  # noqa: E402
 
 __all__ += ["Schedule", "schedules"]
 # -- factors --
-from .factors import discriminative, layer_decay, validate_factors  # noqa: E402
+from layerwise.policies.factors import discriminative, layer_decay, validate_factors  # noqa: E402
 
 __all__ += ["discriminative", "layer_decay", "validate_factors"]
 # -- scheduler --
-from .scheduler import LayerwiseLR  # noqa: E402
+from layerwise.policies.scheduler import LayerwiseLR  # noqa: E402
 
 __all__ += ["LayerwiseLR"]
 # -- controller --
-from .bounds import Bounds, apply_bounds  # noqa: E402
-from .controller import Decision, SensitivityController  # noqa: E402
-from .rules import RULES, Measurement, Rule, make_rule  # noqa: E402
+from layerwise.policies.bounds import Bounds, apply_bounds  # noqa: E402
+from layerwise.policies.controller import Decision, SensitivityController  # noqa: E402
+from layerwise.policies.rules import RULES, Measurement, Rule, make_rule  # noqa: E402
 
 __all__ += [
     "RULES",

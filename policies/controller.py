@@ -2,13 +2,14 @@
 
 At each recalibration :meth:`SensitivityController.update` runs, in this order:
 
-1. **Sanity checks** (:mod:`policies.safety`): a non-finite or impossible estimate, or a
+1. **Sanity checks** (:mod:`layerwise.policies.safety`): a non-finite or impossible estimate, or a
    gradient-norm spike, sends every multiplier to 1 at once (the fallback bypasses the change
    limit on purpose: 1 is the tuned recipe, and leaving a suspect multiplier in place for a few
    more recalibrations is what a fallback exists to avoid), then a cooldown and hysteresis.
-2. **Measure and smooth**: the rule's inputs (positive quantities, see :mod:`policies.rules`)
+2. **Measure and smooth**: the rule's inputs (positive quantities, see
+:mod:`layerwise.policies.rules`)
    are smoothed per group and input by a bias-corrected EMA of their logs with its standard
-   error (:class:`policies.smoothing.LogEMA`, decay ``ema``; 0 disables smoothing). A
+   error (:class:`layerwise.policies.smoothing.LogEMA`, decay ``ema``; 0 disables smoothing). A
    measurement with a relative stderr above max(10, ``max_rel_stderr``) is not fed. Healthy
    reports feed the EMA during a fallback too; a fallback empties it.
 3. **Confidence**: a group whose smoothed relative stderr exceeds ``max_rel_stderr`` (or that
@@ -16,7 +17,7 @@ At each recalibration :meth:`SensitivityController.update` runs, in this order:
 4. **Rule and normalisation**: ``m_g = exp(alpha * (s_g - s_bar))`` over the other groups,
    with ``s_bar`` their ``num_params``-weighted mean score, so their parameter-weighted
    geometric mean is 1 (over all groups when none is held).
-5. **Bounds** (:func:`policies.bounds.apply_bounds`), the visible last step.
+5. **Bounds** (:func:`layerwise.policies.bounds.apply_bounds`), the visible last step.
 
 Defaults are conservative, for use over a well-tuned Adam recipe (Adam already divides by a
 per-parameter gradient scale, so a full-strength rule would double-count): ``alpha=0.5``,
@@ -31,12 +32,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sensitivity import SensitivityReport
-
-from .bounds import Bounds, apply_bounds
-from .rules import Rule, make_rule, normalise
-from .safety import FallbackGate, SpikeMonitor, ValidationWatch, report_problems
-from .smoothing import LogEMA
+from layerwise.policies.bounds import Bounds, apply_bounds
+from layerwise.policies.rules import Rule, make_rule, normalise
+from layerwise.policies.safety import FallbackGate, SpikeMonitor, ValidationWatch, report_problems
+from layerwise.policies.smoothing import LogEMA
+from layerwise.sensitivity import SensitivityReport
 
 __all__ = ["Decision", "SensitivityController"]
 
@@ -93,9 +93,9 @@ class SensitivityController:
     running geometric mean (EMA decay ``spike_ema``) trips the fallback. ``cooldown``:
     recalibrations at all ones after a fallback; ``hysteresis``: consecutive healthy reports
     needed after it. ``mode``/``patience``/``min_delta``: the validation watch (see
-    :class:`policies.safety.ValidationWatch`).
+    :class:`layerwise.policies.safety.ValidationWatch`).
 
-    >>> from sensitivity import GroupEstimate, SensitivityReport
+    >>> from layerwise.sensitivity import GroupEstimate, SensitivityReport
     >>> report = SensitivityReport([GroupEstimate("a", 10, hessian_trace=40.0),
     ...                             GroupEstimate("b", 10, hessian_trace=10.0)])
     >>> SensitivityController().update(report, step=100).multipliers

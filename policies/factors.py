@@ -2,10 +2,10 @@
 
 A factor is a dimensionless positive number that multiplies a group's base learning rate
 for the whole run (``lr_g(t) = base_lr_g * factor_g * schedule(t)``, see
-:class:`policies.LayerwiseLR`). Every function here returns a plain ``{group name:
+:class:`layerwise.policies.LayerwiseLR`). Every function here returns a plain ``{group name:
 float}`` dict in the groups' order, ready for a run manifest.
 
-Groups come from :func:`policies.group_parameters` (a ``ParamGroups``): each group has a
+Groups come from :func:`layerwise.policies.group_parameters` (a ``ParamGroups``): each group has a
 ``name``, a ``depth`` (0 nearest the input, ``groups.max_depth`` the head) and a
 ``role`` (``"backbone"`` or ``"head"``).
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .schedule_base import check_real
+from layerwise.policies.schedule_base import check_real
 
 __all__ = ["discriminative", "group_names", "layer_decay", "validate_factors"]
 
@@ -73,7 +73,7 @@ def layer_decay(groups: Any, decay: float, min_factor: float = 0.0) -> dict[str,
     ICLR 2020) and BEiT (Bao et al., ICLR 2022), ``timm``'s ``layer_decay``. A factor that
     underflows to 0 raises ``ValueError``; raise ``min_factor`` then.
 
-    >>> import policies
+    >>> from layerwise import policies
     >>> from torch import nn
     >>> groups = policies.group_parameters(
     ...     nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
@@ -110,7 +110,7 @@ def discriminative(groups: Any, head: float = 10.0, backbone: float = 1.0) -> di
     Freshly initialised layers (the head) learn faster than pre-trained ones; both factors
     finite and > 0. Howard & Ruder, "ULMFiT", ACL 2018 (discriminative fine-tuning).
 
-    >>> import policies
+    >>> from layerwise import policies
     >>> from torch import nn
     >>> groups = policies.group_parameters(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
     >>> discriminative(groups, head=5.0)

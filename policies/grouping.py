@@ -1,7 +1,7 @@
 """Named parameter groups: :class:`ParamGroup` and the ordered, validated :class:`ParamGroups`.
 
-:func:`policies.group_parameters` builds them from a model (see
-:mod:`policies.grouping_strategies`); this module holds the result and its views: the
+:func:`layerwise.policies.group_parameters` builds them from a model (see
+:mod:`layerwise.policies.grouping_strategies`); this module holds the result and its views: the
 ``{group: [parameter names]}`` mapping that :mod:`sensitivity` takes, optimizer parameter
 groups, a DataFrame, a printed table and a JSON-able manifest.
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from torch import nn
 
-from .grouping_rules import list_names
+from layerwise.policies.grouping_rules import list_names
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,7 +84,7 @@ class ParamGroups(Sequence[ParamGroup]):
     position or by group name.
 
     >>> from torch import nn
-    >>> import policies
+    >>> from layerwise import policies
     >>> groups = policies.group_parameters(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
     >>> groups.names
     ('layer.0', 'head')
@@ -190,7 +190,8 @@ class ParamGroups(Sequence[ParamGroup]):
         return sum(g.size for g in self._groups)
 
     def mapping(self) -> dict[str, list[str]]:
-        """``{group name: [parameter names]}``, the form :func:`sensitivity.estimate` takes."""
+        """``{group name: [parameter names]}``, the form :func:`layerwise.sensitivity.estimate`
+        takes."""
         return {g.name: list(g.param_names) for g in self._groups}
 
     def parameters(self, name: str) -> list[nn.Parameter]:
@@ -209,7 +210,7 @@ class ParamGroups(Sequence[ParamGroup]):
 
         >>> import torch
         >>> from torch import nn
-        >>> import policies
+        >>> from layerwise import policies
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
         >>> groups = policies.group_parameters(model, "role+norm")
         >>> opt = torch.optim.AdamW(groups.to_optimizer_groups(lr=1e-3), weight_decay=0.05)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .grouping_rules import ModelParams, Pattern, is_norm_module, list_names
+from layerwise.policies.grouping_rules import ModelParams, Pattern, is_norm_module, list_names
 
 __all__ = ["DepthUnits", "block_finder", "depth_units", "merge_units"]
 

@@ -1,7 +1,7 @@
 """The ``patterns`` strategy: ordered ``{group: patterns}``, first match wins.
 
 A trainable parameter goes to the first group with a pattern that matches its name
-(see :mod:`policies.grouping_rules` for the regex and glob conventions). A parameter no
+(see :mod:`layerwise.policies.grouping_rules` for the regex and glob conventions). A parameter no
 pattern matches is an error naming it, unless ``catch_all`` names a group to collect
 such parameters (dropped when nothing is left over). A pattern group that ends up empty
 is an error that says why: its patterns match nothing, only frozen parameters, only
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .grouping_rules import ModelParams, Pattern, compile_patterns, list_names
+from layerwise.policies.grouping_rules import ModelParams, Pattern, compile_patterns, list_names
 
 __all__ = ["by_patterns", "parse_patterns"]
 

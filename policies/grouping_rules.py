@@ -1,4 +1,5 @@
-"""How :func:`policies.group_parameters` reads a model: names, ties, patterns, heads, norms.
+"""How :func:`layerwise.policies.group_parameters` reads a model: names, ties, patterns, heads,
+norms.
 
 Everything here is a pure read of ``model.named_parameters()`` and ``model.named_modules()``
 in registration order; nothing is run through the model.

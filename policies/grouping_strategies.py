@@ -3,7 +3,7 @@
 Strategies (``strategy=``), each over the trainable parameters in registration order:
 
 * ``"depth"``: one group per layer, input to output: ``stem``, ``layer.0``, ``layer.1``, ...,
-  ``head`` (see :mod:`policies.grouping_depth`); ``num_groups=N`` merges contiguous layers
+  ``head`` (see :mod:`layerwise.policies.grouping_depth`); ``num_groups=N`` merges contiguous layers
   into N groups as even in layer count as possible (``layer.0-3``, ``layer.4-head``);
 * ``"module"``: one group per module owning parameters, named by its path (``(root)`` for
   parameters of the model itself);
@@ -24,10 +24,10 @@ from typing import Any
 
 from torch import nn
 
-from .grouping import ParamGroup, ParamGroups
-from .grouping_depth import block_finder, depth_units, merge_units
-from .grouping_patterns import by_patterns, parse_patterns
-from .grouping_rules import (
+from layerwise.policies.grouping import ParamGroup, ParamGroups
+from layerwise.policies.grouping_depth import block_finder, depth_units, merge_units
+from layerwise.policies.grouping_patterns import by_patterns, parse_patterns
+from layerwise.policies.grouping_rules import (
     SYNTAXES,
     ModelParams,
     Pattern,

@@ -1,4 +1,4 @@
-"""Rules: how a :class:`~sensitivity.SensitivityReport` becomes per-group log-preferences.
+"""Rules: how a :class:`~layerwise.sensitivity.SensitivityReport` becomes per-group log-preferences.
 
 A rule works in two steps so that the controller can smooth and vet its inputs in between:
 
@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from sensitivity import GroupEstimate, SensitivityReport
+from layerwise.sensitivity import GroupEstimate, SensitivityReport
 
 __all__ = [
     "RULES",

@@ -29,7 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sensitivity import SensitivityReport
+from layerwise.sensitivity import SensitivityReport
 
 __all__ = ["FallbackGate", "SpikeMonitor", "ValidationWatch", "report_problems"]
 

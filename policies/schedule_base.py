@@ -132,7 +132,7 @@ def from_spec(spec: Mapping[str, Any]) -> Schedule:
     arguments; arguments left out take their defaults. Unknown names, unknown or missing
     arguments and invalid values raise ``ValueError``/``TypeError`` saying which.
 
-    >>> from policies import schedules
+    >>> from layerwise.policies import schedules
     >>> s = schedules.cosine(100, floor=0.1)
     >>> schedules.from_spec(s.spec) == s
     True

@@ -1,6 +1,6 @@
 """The schedule kinds: one small frozen dataclass each, arguments validated at construction.
 
-The maths of each kind is documented on its factory in :mod:`policies.schedules`; the
+The maths of each kind is documented on its factory in :mod:`layerwise.policies.schedules`; the
 arithmetic here follows the evaluation order of torch's closed forms
 (``torch.optim.lr_scheduler``), so the two agree to rounding. All maths is in Python
 floats (IEEE double).
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, ClassVar
 
-from .schedule_base import Schedule, check_int, check_real, from_spec
+from layerwise.policies.schedule_base import Schedule, check_int, check_real, from_spec
 
 __all__ = [
     "Constant",

@@ -13,8 +13,8 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .factors import group_names, validate_factors
-from .schedule_base import Schedule, check_int, from_spec
+from layerwise.policies.factors import group_names, validate_factors
+from layerwise.policies.schedule_base import Schedule, check_int, from_spec
 
 __all__ = ["LayerwiseLR"]
 
@@ -50,7 +50,7 @@ class LayerwiseLR(LRScheduler):
     ``last_epoch == -1``, torch's convention), ``schedule_g`` a :class:`Schedule` (one for
     every group, or a ``{group name: Schedule}`` mapping naming every group) and
     ``factor_g`` a static factor (``factors``: ``{group name: float}`` naming every group,
-    e.g. from :func:`policies.layer_decay`; ``None`` means 1 everywhere). Groups are named
+    e.g. from :func:`layerwise.policies.layer_decay`; ``None`` means 1 everywhere). Groups are named
     by ``group["name"]``, ``"group{i}"`` when absent. The rate is always the closed form,
     so :meth:`get_lr` and ``_get_closed_form_lr`` agree and are pure.
 
@@ -59,7 +59,7 @@ class LayerwiseLR(LRScheduler):
     factors, warning when they differ from the ones this scheduler was built with.
 
     >>> import torch
-    >>> from policies import schedules
+    >>> from layerwise.policies import schedules
     >>> w, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     >>> groups = [{"params": [w], "name": "body"}, {"params": [b], "name": "head"}]
     >>> opt = torch.optim.SGD(groups, lr=0.1)

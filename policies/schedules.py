@@ -14,7 +14,7 @@ Conventions match ``torch.optim.lr_scheduler`` where torch has the same schedule
 ``CosineAnnealingWarmRestarts``, ``polynomial`` = ``PolynomialLR``, ``linear_warmup``
 = ``LinearLR`` with ``end_factor=1``, ``join`` = ``SequentialLR``.
 
->>> from policies import schedules
+>>> from layerwise.policies import schedules
 >>> warm_cosine = schedules.join(
 ...     [schedules.linear_warmup(10), schedules.cosine(90, floor=0.1)], boundaries=[10]
 ... )
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .schedule_base import Schedule, from_spec, registered
-from .schedule_kinds import (
+from layerwise.policies.schedule_base import Schedule, from_spec, registered
+from layerwise.policies.schedule_kinds import (
     Constant,
     Cosine,
     CosineWarmRestarts,

@@ -17,7 +17,7 @@ fed (it says nothing about its log): :meth:`LogEMA.feed` returns a reason instea
 group's previous state is kept. Fed relative stderrs are capped at 1e6 so the state stays finite.
 
 >>> ema = LogEMA(0.5)
->>> from policies.rules import Measurement
+>>> from layerwise.policies.rules import Measurement
 >>> ema.feed("a", {"q": Measurement(0.0, 0.1)}, limit=10.0)
 ({'q': 0.0}, {'q': 0.1})
 >>> logs, rels = ema.feed("a", {"q": Measurement(3.0, 0.1)}, limit=10.0)

@@ -5,16 +5,16 @@ This package imports nothing else of the project. It takes a model, a loss funct
 ``{group name: [parameter names]}``.
 """
 
-from .errors import DoubleBackwardError
-from .estimate import estimate
-from .functional import FunctionalLoss, leaves_no_trace
-from .groups import GroupIndex, default_groups, resolve_groups
-from .hutchinson import hutchinson_samples, trace_estimate
-from .hvp import HessianProduct
-from .per_example import per_example_gradients
-from .probes import draw_probes, make_generator
-from .report import COLUMNS, EstimateCost, GroupEstimate, SensitivityReport
-from .two_batch import NoiseEstimate, two_batch_noise
+from layerwise.sensitivity.errors import DoubleBackwardError
+from layerwise.sensitivity.estimate import estimate
+from layerwise.sensitivity.functional import FunctionalLoss, leaves_no_trace
+from layerwise.sensitivity.groups import GroupIndex, default_groups, resolve_groups
+from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
+from layerwise.sensitivity.hvp import HessianProduct
+from layerwise.sensitivity.per_example import per_example_gradients
+from layerwise.sensitivity.probes import draw_probes, make_generator
+from layerwise.sensitivity.report import COLUMNS, EstimateCost, GroupEstimate, SensitivityReport
+from layerwise.sensitivity.two_batch import NoiseEstimate, two_batch_noise
 
 __all__ = [
     "COLUMNS",

@@ -1,10 +1,11 @@
 """The public entry point: every per-group quantity of one or several batches.
 
-Inner pieces, one per file: :mod:`~sensitivity.functional` (the model as a pure function),
-:mod:`~sensitivity.hvp`, :mod:`~sensitivity.probes`, :mod:`~sensitivity.hutchinson`,
-:mod:`~sensitivity.per_example`, :mod:`~sensitivity.microbatch`,
-:mod:`~sensitivity.two_batch`, :mod:`~sensitivity.gradient_stats`, and the per-batch
-accumulation in :mod:`~sensitivity.runner`.
+Inner pieces, one per file: :mod:`~layerwise.sensitivity.functional` (the model as a pure function),
+:mod:`~layerwise.sensitivity.hvp`, :mod:`~layerwise.sensitivity.probes`,
+:mod:`~layerwise.sensitivity.hutchinson`,
+:mod:`~layerwise.sensitivity.per_example`, :mod:`~layerwise.sensitivity.microbatch`,
+:mod:`~layerwise.sensitivity.two_batch`, :mod:`~layerwise.sensitivity.gradient_stats`, and the
+per-batch accumulation in :mod:`~layerwise.sensitivity.runner`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batching import as_batches, batch_size_of, cast_batch, count_batches
-from .functional import FunctionalLoss, leaves_no_trace, model_devices, uses_batch_statistics
-from .groups import resolve_groups
-from .hvp import HVP_MODES, choose_hvp_mode
-from .probes import DISTRIBUTIONS, make_generator
-from .report import EstimateCost, SensitivityReport
-from .runner import Plan, Run
-from .validation import check_options, check_quantities
+from layerwise.sensitivity.batching import as_batches, batch_size_of, cast_batch, count_batches
+from layerwise.sensitivity.functional import (
+    FunctionalLoss,
+    leaves_no_trace,
+    model_devices,
+    uses_batch_statistics,
+)
+from layerwise.sensitivity.groups import resolve_groups
+from layerwise.sensitivity.hvp import HVP_MODES, choose_hvp_mode
+from layerwise.sensitivity.probes import DISTRIBUTIONS, make_generator
+from layerwise.sensitivity.report import EstimateCost, SensitivityReport
+from layerwise.sensitivity.runner import Plan, Run
+from layerwise.sensitivity.validation import check_options, check_quantities
 
 __all__ = ["estimate"]
 
@@ -57,21 +63,21 @@ def estimate(
     """Per-group gradient norm, gradient noise and Hessian trace of ``loss_fn``.
 
     ``loss_fn(model, batch)`` returns the **mean** loss over ``batch``; ``batches`` is one
-    batch or an iterable of batches (see :func:`sensitivity.batching.as_batches`);
+    batch or an iterable of batches (see :func:`layerwise.sensitivity.batching.as_batches`);
     ``groups`` maps group names to parameter names (default: one group per module that
     owns trainable parameters). Tied parameters count once (any alias may be named);
     frozen parameters are left out of the default groups but measured when named (the
     quantities describe the loss, not the optimizer); parameters in no group are held
     constant; unused parameters get zero gradient, noise and trace
-    (:mod:`sensitivity.groups`). The quantities, per group g, are defined in
-    :mod:`sensitivity.report`:
+    (:mod:`layerwise.sensitivity.groups`). The quantities, per group g, are defined in
+    :mod:`layerwise.sensitivity.report`:
 
     * ``"grad_norm"``: ‖Ĝ_g‖, Ĝ the mean gradient over all examples seen (with
       ``"grad_variance"`` also its delta-method standard error);
     * ``"grad_variance"``: tr(Σ̂_g)/n_g, unbiased (1/(M−1) correction), with
       ``noise_to_signal`` = (N/B) tr(Σ̂_g)/(N‖Ĝ_g‖² − tr(Σ̂_g)), B = N / (number of
       batches) the mean batch size, where N‖Ĝ_g‖² − tr(Σ̂_g) is N times the unbiased
-      estimate of ‖G_g‖² (:mod:`sensitivity.gradient_stats`;
+      estimate of ‖G_g‖² (:mod:`layerwise.sensitivity.gradient_stats`;
       ``inf`` when that estimate is <= 0, i.e. the noise swamps the signal);
       ``variance`` picks the samples: ``"per_example"`` gradients, ``"micro_batch"``
       gradients of ``micro_batches`` pieces of each batch, ``"two_batch"`` (McCandlish
@@ -97,7 +103,7 @@ def estimate(
     chunk. ``"vjp"`` (reverse over reverse) runs the forward and the first backward pass
     once per batch, keeps their graph, and pays one batched second backward pass per
     chunk. ``"auto"`` resolves to ``"vjp"`` on CPU, where the benchmark
-    (``python -m experiments.benchmarks.sensitivity``) measured it faster for every model
+    (``python -m layerwise.experiments.benchmarks.sensitivity``) measured it faster for every model
     and batch size; on an accelerator to ``"jvp"`` when a batch needs a single chunk
     (``probes <= chunk_size``: both then do the same passes and forward mode holds less
     memory) and to ``"vjp"`` when it needs several (the shared passes are then saved
@@ -126,7 +132,7 @@ def estimate(
     Cost: ``report.cost`` holds probes per group (max over groups), Hessian-vector
     products, examples, batches and seconds; host and device synchronise once, at the end
     (and once per chunk when a tolerance is given). Errors: ``ValueError``/``TypeError``
-    naming the argument; :class:`sensitivity.errors.DoubleBackwardError` naming a module
+    naming the argument; :class:`layerwise.sensitivity.errors.DoubleBackwardError` naming a module
     that cannot be differentiated twice. Non-finite losses give non-finite estimates.
 
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))

@@ -71,7 +71,7 @@ class FunctionalLoss:
     """``loss(values, batch)``: the mean loss with ``values`` substituted for ``params``.
 
     ``dtype`` (optional) casts the floating parameters and buffers; the caller casts the
-    batch (see :func:`sensitivity.batching.cast_batch`).
+    batch (see :func:`layerwise.sensitivity.batching.cast_batch`).
     """
 
     def __init__(

@@ -122,7 +122,7 @@ class GradientSamples:
         dot_delta = self._per_group([(delta[n] * self.centre[n]).sum() for n in self.names])
         sq_centre = self._per_group([self.centre[n].square().sum() for n in self.names])
         if method == "two_batch":
-            from .two_batch import two_batch_noise
+            from layerwise.sensitivity.two_batch import two_batch_noise
 
             small = self.sum_d / w + 2 * dot_delta + sq_centre  # Σ w_j ‖m_j‖² / W
             trace = two_batch_noise(small, sq_centre, w / m, w).trace_sigma

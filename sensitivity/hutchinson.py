@@ -1,6 +1,6 @@
 """Hutchinson's estimator of the trace of each diagonal block of the Hessian.
 
-For probes v_1..v_K with E[v vᵀ] = I (see :mod:`sensitivity.probes`),
+For probes v_1..v_K with E[v vᵀ] = I (see :mod:`layerwise.sensitivity.probes`),
 
     tr(A) ≈ (1/K) Σ_k v_kᵀ A v_k,    stderr = s / √K,
 
@@ -26,7 +26,7 @@ budget is spent. That check is the only host synchronisation in the loop, and th
 none without a tolerance: the terms stay on the device until the caller reads them.
 
 >>> import torch
->>> from sensitivity.probes import make_generator
+>>> from layerwise.sensitivity.probes import make_generator
 >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
 >>> like = {"x": torch.zeros(3, dtype=torch.float64)}
 >>> z = hutchinson_samples(lambda v: {"x": v["x"] @ A}, like, [0], 1, budget=1,
@@ -41,8 +41,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .probes import draw_probes
-from .validation import check_int
+from layerwise.sensitivity.probes import draw_probes
+from layerwise.sensitivity.validation import check_int
 
 __all__ = ["hutchinson_samples", "trace_estimate"]
 

@@ -16,7 +16,8 @@ forward + backward pass and never form H.
   backward pass. Cheaper when there are many chunks, at the memory cost of holding the
   graph of the first backward pass until the product object is released.
 * ``"auto"``: ``"vjp"`` on CPU, where it measured faster in every configuration of
-  ``python -m experiments.benchmarks.sensitivity`` (MLP and CNN, batch 32 and 128: 0.85-1.6
+  ``python -m layerwise.experiments.benchmarks.sensitivity`` (MLP and CNN, batch 32 and 128:
+  0.85-1.6
   against 1.2-2.1 forward+backward units per probe at 32 probes); on other devices ``"jvp"``
   when all probes of a batch fit in one call (the two then do the same passes and forward
   mode holds less memory) and ``"vjp"`` when there are several chunks (it shares the
@@ -26,7 +27,7 @@ forward + backward pass and never form H.
 
 Random layers (dropout) draw their masks once per evaluation and ``vmap`` runs with
 ``randomness="same"``, so every probe of a chunk sees the same mask; with an
-:class:`~sensitivity.functional.RngReplay` every chunk sees the same mask too, and both
+:class:`~layerwise.sensitivity.functional.RngReplay` every chunk sees the same mask too, and both
 modes give the same products.
 """
 
@@ -38,8 +39,8 @@ from typing import Any
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .errors import explain, is_double_backward_error
-from .functional import RngReplay
+from layerwise.sensitivity.errors import explain, is_double_backward_error
+from layerwise.sensitivity.functional import RngReplay
 
 __all__ = ["HVP_MODES", "HessianProduct", "choose_hvp_mode", "loss_gradient"]
 
@@ -83,7 +84,7 @@ class HessianProduct:
     ``hp.mode`` is the mode actually used (``"jvp"`` or ``"vjp"``): with ``fallback``,
     a ``"jvp"`` product whose first call fails switches to ``"vjp"`` and records why in
     ``hp.fell_back``. An operator that has no second derivative at all raises
-    :class:`~sensitivity.errors.DoubleBackwardError` naming the module that runs it.
+    :class:`~layerwise.sensitivity.errors.DoubleBackwardError` naming the module that runs it.
     """
 
     def __init__(

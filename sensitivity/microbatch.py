@@ -4,7 +4,7 @@ mode), or when per-example gradients do not fit in memory.
 Split the batch of B examples into M contiguous micro-batches of sizes b_j (as equal as
 possible) and take the mean-loss gradient m_j of each, evaluated exactly as training
 would evaluate a batch of b_j examples. If the examples are independent draws, m_j has
-covariance Σ/b_j, so :class:`sensitivity.gradient_stats.GradientSamples` with weights
+covariance Σ/b_j, so :class:`layerwise.sensitivity.gradient_stats.GradientSamples` with weights
 b_j gives the unbiased tr(Σ̂) = Σ_j b_j ‖m_j − m̄‖² / (M − 1). With BatchNorm, Σ is the
 per-example covariance that reproduces the gradient noise of batches of size ~B/M
 (noise extrapolated as 1/b, the usual assumption). M−1 degrees of freedom make this
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .batching import split_batch
-from .gradient_stats import GradientSamples
-from .hvp import loss_gradient
+from layerwise.sensitivity.batching import split_batch
+from layerwise.sensitivity.gradient_stats import GradientSamples
+from layerwise.sensitivity.hvp import loss_gradient
 
 __all__ = ["accumulate_micro_batches"]
 

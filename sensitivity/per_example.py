@@ -4,11 +4,11 @@ For a batch of B examples and a mean loss L = (1/B) Σ_i ℓ_i, the per-example 
 g_i = ∇ℓ_i, obtained by evaluating ``loss_fn`` on a batch of one example (each example
 keeps a leading dimension of size 1) under ``torch.func.vmap(torch.func.grad(...))``.
 They are defined only when examples do not interact inside the model: not for BatchNorm
-in training mode (use the micro-batch estimator, :mod:`sensitivity.microbatch`).
+in training mode (use the micro-batch estimator, :mod:`layerwise.sensitivity.microbatch`).
 
 Scaling: g_i is the gradient of the loss of one example, so the mean gradient is
 (1/B) Σ_i g_i and the per-example covariance Σ has the units of a squared gradient;
-:class:`sensitivity.gradient_stats.GradientSamples` turns the g_i into tr(Σ̂) with Bessel's
+:class:`layerwise.sensitivity.gradient_stats.GradientSamples` turns the g_i into tr(Σ̂) with Bessel's
 1/(B−1) correction. Dropout draws an independent mask per example
 (``randomness="different"``), as in a training batch. Memory: one chunk holds
 ``chunk x (number of parameters)`` gradient entries.
@@ -23,9 +23,9 @@ import torch
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .batching import example_in_dims, slice_batch
-from .gradient_stats import GradientSamples
-from .validation import check_int
+from layerwise.sensitivity.batching import example_in_dims, slice_batch
+from layerwise.sensitivity.gradient_stats import GradientSamples
+from layerwise.sensitivity.validation import check_int
 
 __all__ = ["accumulate_per_example", "per_example_gradients"]
 

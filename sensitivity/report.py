@@ -34,9 +34,10 @@ import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where a frame is made
+    import pandas as pd
 
 __all__ = ["COLUMNS", "EstimateCost", "GroupEstimate", "SensitivityReport"]
 
@@ -188,6 +189,8 @@ class SensitivityReport:
     # -- conversion ---------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
         """One row per group, the columns of :data:`COLUMNS` (``None`` becomes ``NaN``)."""
+        import pandas as pd
+
         rows = []
         for g in self.groups:
             row = g.to_dict()
@@ -228,5 +231,7 @@ class SensitivityReport:
             f"SensitivityReport: {len(self)} groups, {c.examples} examples in {c.batches} "
             f"batches, {c.probes} probes, {c.hvps} HVPs, {c.seconds:.3g} s"
         )
+        import pandas as pd
+
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             return head + "\n" + frame.to_string(float_format=lambda v: f"{v:.4g}")

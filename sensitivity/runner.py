@@ -1,4 +1,4 @@
-"""The per-batch work of :func:`sensitivity.estimate`: traces, gradients and gradient
+"""The per-batch work of :func:`layerwise.sensitivity.estimate`: traces, gradients and gradient
 noise accumulated on the device, weighted by batch size, and one transfer at the end."""
 
 from __future__ import annotations
@@ -10,14 +10,19 @@ from typing import Any
 
 import torch
 
-from .functional import FunctionalLoss, RngReplay
-from .gradient_stats import BatchGradStats, GradientSamples, combine_batches, noise_to_signal
-from .groups import GroupIndex
-from .hutchinson import hutchinson_samples, trace_estimate
-from .hvp import HessianProduct, loss_gradient
-from .microbatch import accumulate_micro_batches
-from .per_example import accumulate_per_example
-from .report import EstimateCost, GroupEstimate, SensitivityReport
+from layerwise.sensitivity.functional import FunctionalLoss, RngReplay
+from layerwise.sensitivity.gradient_stats import (
+    BatchGradStats,
+    GradientSamples,
+    combine_batches,
+    noise_to_signal,
+)
+from layerwise.sensitivity.groups import GroupIndex
+from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
+from layerwise.sensitivity.hvp import HessianProduct, loss_gradient
+from layerwise.sensitivity.microbatch import accumulate_micro_batches
+from layerwise.sensitivity.per_example import accumulate_per_example
+from layerwise.sensitivity.report import EstimateCost, GroupEstimate, SensitivityReport
 
 __all__ = ["Plan", "Run"]
 
@@ -28,7 +33,7 @@ EXAMPLE_CHUNK_ELEMENTS = 2**25
 
 @dataclass(frozen=True)
 class Plan:
-    """The resolved options of one :func:`sensitivity.estimate` call."""
+    """The resolved options of one :func:`layerwise.sensitivity.estimate` call."""
 
     index: GroupIndex
     trace: bool  # Hutchinson traces wanted

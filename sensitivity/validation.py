@@ -76,7 +76,7 @@ def check_options(
     distributions: Iterable[str],
     hvp_modes: Iterable[str],
 ) -> None:
-    """Validate the options of :func:`sensitivity.estimate` (see there)."""
+    """Validate the options of :func:`layerwise.sensitivity.estimate` (see there)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_callable("loss_fn", loss_fn, optional=False)

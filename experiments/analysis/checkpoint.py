@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from layerwise.experiments.errors import UsageError
 
 __all__ = [
     "STATE_DICT_KEYS",
@@ -89,8 +89,8 @@ def _is_state_dict(obj: Any) -> bool:
 def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
     """Read ``path`` with ``weights_only=True`` and find the state dict in it.
 
-    Raises :class:`~experiments.errors.UsageError` (naming ``--checkpoint`` and the path) when
-    the file is missing, unreadable, corrupt, holds objects other than tensors and plain
+    Raises :class:`~layerwise.experiments.errors.UsageError` (naming ``--checkpoint`` and the path)
+    when the file is missing, unreadable, corrupt, holds objects other than tensors and plain
     containers, or holds no state dict.
     """
     where = f"--checkpoint {str(path)!r}"
@@ -144,8 +144,8 @@ def _strip_wrapper_prefix(
 def apply_checkpoint(model: nn.Module, ckpt: LoadedCheckpoint) -> LoadedCheckpoint:
     """Load ``ckpt`` into ``model`` strictly; returns the checkpoint as applied.
 
-    On a mismatch raises :class:`~experiments.errors.UsageError` naming the missing keys (in
-    the model, not in the checkpoint), the unexpected keys (in the checkpoint, not in the model)
+    On a mismatch raises :class:`~layerwise.experiments.errors.UsageError` naming the missing keys
+    (in the model, not in the checkpoint), the unexpected keys (in the checkpoint, not in the model)
     and any shape mismatches, all on one line.
     """
     own = model.state_dict()
@@ -175,8 +175,8 @@ def apply_checkpoint(model: nn.Module, ckpt: LoadedCheckpoint) -> LoadedCheckpoi
 
 
 def check_finite_weights(model: nn.Module, *, source: str) -> None:
-    """Raise :class:`~experiments.errors.UsageError` naming every parameter or floating buffer
-    of ``model`` that holds a NaN or an infinity; ``source`` says where the weights came from
+    """Raise :class:`~layerwise.experiments.errors.UsageError` naming every parameter or floating
+    buffer of ``model`` that holds a NaN or an infinity; ``source`` says where the weights came from
     (e.g. ``"--checkpoint 'x.pt'"``)."""
     bad = []
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """The bundled default of ``layerwise analyze``: the digits MLP, briefly trained.
 
-Task ``digits_mlp`` of :mod:`experiments.tasks` (scikit-learn's handwritten digits, shipped
-with scikit-learn, so nothing is downloaded; an MLP 64-128-64-10). The model is built from
+Task ``digits_mlp`` of :mod:`layerwise.experiments.tasks` (scikit-learn's handwritten digits,
+shipped with scikit-learn, so nothing is downloaded; an MLP 64-128-64-10). The model is built from
 ``seed`` and trained with Adam (rate 3e-3) for :data:`TRAIN_STEPS` steps of the task's batch
 size on the training split, in an order drawn from ``seed``: a few seconds on a CPU, and enough
 to reach roughly 95% validation accuracy, so the measured curvature and noise are those of a
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .loading import AnalysisInputs, move_batch
+from layerwise.experiments.analysis.loading import AnalysisInputs, move_batch
 
 __all__ = ["ANALYSIS_BATCH_SIZE", "LEARNING_RATE", "TASK", "TRAIN_STEPS", "bundled_default"]
 
@@ -28,7 +28,7 @@ ANALYSIS_BATCH_SIZE = 128
 
 
 def _task() -> Any:
-    from ..tasks import get_task
+    from layerwise.experiments.tasks import get_task
 
     return get_task(TASK)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
+from layerwise.experiments.errors import UsageError
 
 __all__ = ["DTYPES", "parse_device", "parse_dtype"]
 

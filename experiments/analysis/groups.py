@@ -5,7 +5,7 @@ top level, or under a ``[groups]`` table next to the optional keys ``syntax = "g
 ``"regex"`` (the default: searched anywhere in the name) and ``catch_all = "rest"`` (the group
 of the parameters no pattern matches); a pattern is a string or a list of strings. Order
 matters: a parameter joins the first group whose pattern matches it (see
-:func:`policies.group_parameters`, strategy ``"patterns"``)::
+:func:`layerwise.policies.group_parameters`, strategy ``"patterns"``)::
 
     # patterns.toml
     syntax = "glob"
@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UsageError
+from layerwise.experiments.errors import UsageError
 
 try:  # Python >= 3.11
     import tomllib
@@ -41,12 +41,13 @@ STRATEGIES = ("depth", "module", "role", "norm")
 
 
 def read_patterns(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The options for :func:`policies.group_parameters` with strategy ``"patterns"`` read from
+    """The options for :func:`layerwise.policies.group_parameters` with strategy ``"patterns"``
+    read from
     a TOML file (see the module docstring): ``patterns``, the ordered ``{group name: pattern}``
     table, and ``syntax``/``catch_all`` when the file sets them.
 
     A pattern is a string or a list of strings; anything else, an empty table, a missing or
-    unparsable file is a :class:`~experiments.errors.UsageError` naming the file.
+    unparsable file is a :class:`~layerwise.experiments.errors.UsageError` naming the file.
     """
     where = f"--groups-file {str(path)!r}"
     try:
@@ -95,9 +96,9 @@ def read_patterns(path: str | os.PathLike[str]) -> dict[str, Any]:
 def build_groups(
     model: nn.Module, *, strategy: str | None, patterns_file: str | None
 ) -> tuple[Any, dict[str, Any]]:
-    """The :class:`policies.ParamGroups` of ``model`` and a manifest entry saying how they
+    """The :class:`layerwise.policies.ParamGroups` of ``model`` and a manifest entry saying how they
     were made. ``strategy`` and ``patterns_file`` are exclusive; neither means ``"depth"``."""
-    from policies import group_parameters
+    from layerwise.policies import group_parameters
 
     if strategy is not None and patterns_file is not None:
         raise UsageError("give --groups or --groups-file, not both")

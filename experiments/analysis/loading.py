@@ -7,9 +7,9 @@
                                      default is cross-entropy on ``(inputs, targets)``.
 
 Errors in what the user typed (paths that do not resolve, objects of the wrong kind, data that
-yields nothing) are :class:`~experiments.errors.UsageError` (exit 2); the user's own code
-failing when called is :class:`~experiments.errors.CLIError` (exit 1). Every message is one
-line naming the option and its value.
+yields nothing) are :class:`~layerwise.experiments.errors.UsageError` (exit 2); the user's own code
+failing when called is :class:`~layerwise.experiments.errors.CLIError` (exit 1). Every message is
+one line naming the option and its value.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CLIError, UsageError
-from ..importing import import_object
+from layerwise.experiments.errors import CLIError, UsageError
+from layerwise.experiments.importing import import_object
 
 __all__ = [
     "AnalysisInputs",

@@ -4,7 +4,7 @@ Policy: ``--out DIR`` may be new, or an existing folder; a folder that already h
 :data:`OUTPUT_FILES` (earlier results) is refused unless ``--force``. With ``--force`` only the
 files of :data:`OUTPUT_FILES` are replaced; nothing else in the folder is touched or deleted.
 Each file is written to a temporary name in the same folder and renamed into place with
-:func:`os.replace` (:func:`experiments.atomic.atomic_write`), so a reader never sees a
+:func:`os.replace` (:func:`layerwise.experiments.atomic.atomic_write`), so a reader never sees a
 half-written file and an interrupted run leaves the earlier file intact.
 
 JSON is strict (RFC 8259): a non-finite float is written as the string ``"NaN"``,
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..atomic import atomic_write
-from ..errors import UsageError
+from layerwise.experiments.atomic import atomic_write
+from layerwise.experiments.errors import UsageError
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -14,12 +14,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CLIError
-from ..manifest import versions
-from .checkpoint import apply_checkpoint, check_finite_weights, load_checkpoint
-from .default import bundled_default
-from .groups import build_groups
-from .loading import (
+from layerwise.experiments.analysis.checkpoint import (
+    apply_checkpoint,
+    check_finite_weights,
+    load_checkpoint,
+)
+from layerwise.experiments.analysis.default import bundled_default
+from layerwise.experiments.analysis.groups import build_groups
+from layerwise.experiments.analysis.loading import (
     AnalysisInputs,
     first_line,
     load_batches,
@@ -27,9 +29,11 @@ from .loading import (
     load_model,
     probe_loss,
 )
-from .outputs import csv_text, json_text, write_outputs
-from .suggest import Suggestion, suggest
-from .table import print_table, table_rows
+from layerwise.experiments.analysis.outputs import csv_text, json_text, write_outputs
+from layerwise.experiments.analysis.suggest import Suggestion, suggest
+from layerwise.experiments.analysis.table import print_table, table_rows
+from layerwise.experiments.errors import CLIError
+from layerwise.experiments.manifest import versions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,9 +96,9 @@ def estimate(
     dtype: torch.dtype,
     progress: Progress,
 ) -> Any:
-    """:func:`sensitivity.estimate` of every quantity on the inputs; a failure inside the
-    user's model or loss becomes a one-line :class:`~experiments.errors.CLIError`."""
-    import sensitivity
+    """:func:`layerwise.sensitivity.estimate` of every quantity on the inputs; a failure inside the
+    user's model or loss becomes a one-line :class:`~layerwise.experiments.errors.CLIError`."""
+    from layerwise import sensitivity
 
     try:
         return sensitivity.estimate(
@@ -172,7 +176,7 @@ class Result:
 
 
 def _figures(result: Result) -> dict[str, bytes]:
-    from . import plots  # matplotlib: only when figures are written
+    from layerwise.experiments.analysis import plots  # matplotlib: only when figures are written
 
     groups = result.report.groups
     names = [g.group for g in groups]

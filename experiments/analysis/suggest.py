@@ -1,6 +1,6 @@
 """What a policy would do with a report: the multipliers a fresh
-:class:`policies.SensitivityController` assigns at its first recalibration, with the reason
-for each, the bounds it enforces, and whether it fell back to the uniform rate."""
+:class:`layerwise.policies.SensitivityController` assigns at its first recalibration, with the
+reason for each, the bounds it enforces, and whether it fell back to the uniform rate."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Suggestion:
 
 def suggest(report: Any, policy: str) -> Suggestion:
     """Run a fresh controller with rule ``policy`` and default settings on ``report``."""
-    from policies import SensitivityController
+    from layerwise.policies import SensitivityController
 
     controller = SensitivityController(rule=policy)
     decision = controller.update(report, step=0)

@@ -1,6 +1,6 @@
 """Benchmark: what ``LayerwiseOptimizer`` costs, as ratios to the bare optimizer.
 
-``python -m experiments.benchmarks.engine [--repeats N] [--threads T] [--quick]``
+``python -m layerwise.experiments.benchmarks.engine [--repeats N] [--threads T] [--quick]``
 
 Two figures per task (a small MLP and a small CNN, CPU, Adam), each measured side by side
 in one run: a bare and a wrapped copy train in lockstep (step i of one, then of the other,
@@ -40,8 +40,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine import DEFAULT_PROBES, LayerwiseOptimizer
-from policies import SensitivityController
+from layerwise.engine import DEFAULT_PROBES, LayerwiseOptimizer
+from layerwise.policies import SensitivityController
 
 __all__ = ["main", "per_step_ratio", "step_call_overhead", "training_ratio"]
 
@@ -209,7 +209,7 @@ def training_ratio(task: Task, repeats: int = 5) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.benchmarks.engine", description=__doc__.split("\n")[0]
+        prog="python -m layerwise.experiments.benchmarks.engine", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--repeats", type=int, default=None, help="repeats (default 11 / 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

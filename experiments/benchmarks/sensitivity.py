@@ -1,6 +1,6 @@
 """Benchmark of the sensitivity estimators, as ratios to a plain forward + backward pass.
 
-Run ``python -m experiments.benchmarks.sensitivity`` (``--help`` for options). For an MLP
+Run ``python -m layerwise.experiments.benchmarks.sensitivity`` (``--help`` for options). For an MLP
 and a small CNN at a few batch sizes it measures, in the same run and as the median of
 repeats:
 
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sensitivity import estimate
+from layerwise.sensitivity import estimate
 
 
 def mlp(width: int = 256) -> tuple[nn.Module, Callable[[int], torch.Tensor]]:

@@ -1,6 +1,6 @@
 """``layerwise ablate CONFIG --out DIR``: run (or resume) an ablation, then write its report.
 
-CONFIG is a TOML file (see :mod:`experiments.config`) or the name of a bundled config
+CONFIG is a TOML file (see :mod:`layerwise.experiments.config`) or the name of a bundled config
 (``quickstart``, ``full``, ``tiny``). Runs are tasks x policies x settings x seeds, each
 policy's base rate tuned first on the same grid; ``--workers`` runs them in parallel
 processes. Interrupted? Run the same command again: finished runs are skipped. A folder
@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from layerwise.experiments.errors import UsageError
 
 __all__ = ["register", "resolve_config_path", "run"]
 
@@ -91,9 +91,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..reporting import text_summary
-    from ..runner import ablate
+    from layerwise.experiments.config import load_config
+    from layerwise.experiments.reporting import text_summary
+    from layerwise.experiments.runner import ablate
 
     path = resolve_config_path(args.config)
     config = load_config(path)

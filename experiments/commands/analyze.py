@@ -3,7 +3,7 @@ a policy would give each group.
 
 With no arguments it analyses the bundled default (an MLP on scikit-learn's digits, briefly
 trained); with ``--model``/``--data`` (and optionally ``--checkpoint``, ``--loss``) the user's
-own. The work is in :mod:`experiments.analysis`; this module parses and orchestrates.
+own. The work is in :mod:`layerwise.experiments.analysis`; this module parses and orchestrates.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import UsageError
+from layerwise.experiments.errors import UsageError
 
 __all__ = ["register", "run"]
 
@@ -207,9 +207,9 @@ def _progress(description: str) -> Iterator[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis import pipeline as build
-    from ..analysis.devices import parse_device, parse_dtype
-    from ..analysis.outputs import check_out_dir
+    from layerwise.experiments.analysis import pipeline as build
+    from layerwise.experiments.analysis.devices import parse_device, parse_dtype
+    from layerwise.experiments.analysis.outputs import check_out_dir
 
     _check_combination(args)
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)

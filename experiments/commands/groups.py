@@ -1,9 +1,10 @@
 """``layerwise groups``: show how a model's parameters split into named groups.
 
-The model is a bundled one (:mod:`experiments.models`, default ``cnn``) or the user's,
-given as ``package.module:factory``. The grouping is :func:`policies.group_parameters`.
+The model is a bundled one (:mod:`layerwise.experiments.models`, default ``cnn``) or the user's,
+given as ``package.module:factory``. The grouping is :func:`layerwise.policies.group_parameters`.
 Output: a table (drawn with ``rich`` on a terminal, plain text otherwise), CSV of
-:meth:`~policies.ParamGroups.describe`, or the JSON :meth:`~policies.ParamGroups.manifest`.
+:meth:`~layerwise.policies.ParamGroups.describe`, or the JSON
+:meth:`~layerwise.policies.ParamGroups.manifest`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import json
 import sys
 from typing import Any
 
-from ..errors import UsageError
-from ..models import DEFAULT_MODEL, MODELS, resolve_model
+from layerwise.experiments.errors import UsageError
+from layerwise.experiments.models import DEFAULT_MODEL, MODELS, resolve_model
 
 __all__ = ["FORMATS", "register", "run"]
 
@@ -97,7 +98,7 @@ def _patterns(items: list[str] | None) -> dict[str, list[str]] | None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the model, group it and print the groups; returns the exit code."""
-    from policies import group_parameters
+    from layerwise.policies import group_parameters
 
     if args.format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")

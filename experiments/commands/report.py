@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from layerwise.experiments.errors import UsageError
 
 __all__ = ["register", "run"]
 
@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..reporting import text_summary, write_report
+    from layerwise.experiments.reporting import text_summary, write_report
 
     if not args.dir.is_dir():
         raise UsageError(f"{str(args.dir)!r} is not a folder")

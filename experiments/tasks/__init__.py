@@ -1,7 +1,15 @@
 """Bundled benchmark tasks (MNIST-1D, scikit-learn digits, transfer, a sequence task)."""
 
-from .base import Budget, Recipe, Splits, Task, accuracy, cross_entropy, holdout
-from .registry import TASKS, get_task, register_task
+from layerwise.experiments.tasks.base import (
+    Budget,
+    Recipe,
+    Splits,
+    Task,
+    accuracy,
+    cross_entropy,
+    holdout,
+)
+from layerwise.experiments.tasks.registry import TASKS, get_task, register_task
 
 __all__ = [
     "TASKS",

@@ -12,7 +12,7 @@ ever calls
 and reads ``task.budget`` (steps, batch size, evaluation interval, target validation
 metric), ``task.recipe`` (optimizer and the learning-rate grid the tuning searches) and
 ``task.head`` (regular expressions searched in parameter names that pick out the
-output layer, as :func:`policies.group_parameters` takes its ``head=``).
+output layer, as :func:`layerwise.policies.group_parameters` takes its ``head=``).
 """
 
 from __future__ import annotations

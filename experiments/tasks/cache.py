@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from layerwise.experiments.atomic import atomic_write
 
 __all__ = ["cache_key", "cached_arrays", "cached_state_dict"]
 

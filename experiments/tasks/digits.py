@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Budget, Recipe, Splits, Task, holdout
-from .cache import cached_arrays
+from layerwise.experiments.tasks.base import Budget, Recipe, Splits, Task, holdout
+from layerwise.experiments.tasks.cache import cached_arrays
 
 __all__ = ["DigitsCNN", "DigitsMLP", "digits_cnn", "digits_mlp"]
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Budget, Recipe, Splits, Task, holdout
-from .cache import cached_arrays
+from layerwise.experiments.tasks.base import Budget, Recipe, Splits, Task, holdout
+from layerwise.experiments.tasks.cache import cached_arrays
 
 __all__ = ["CNN", "MLP", "default_args", "load_arrays", "mnist1d_cnn", "mnist1d_mlp"]
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import UsageError
-from ..importing import import_object
-from .base import Task
-from .digits import digits_cnn, digits_mlp
-from .mnist1d import mnist1d_cnn, mnist1d_mlp
-from .sequence import sequence_count
-from .transfer import transfer_mnist1d
+from layerwise.experiments.errors import UsageError
+from layerwise.experiments.importing import import_object
+from layerwise.experiments.tasks.base import Task
+from layerwise.experiments.tasks.digits import digits_cnn, digits_mlp
+from layerwise.experiments.tasks.mnist1d import mnist1d_cnn, mnist1d_mlp
+from layerwise.experiments.tasks.sequence import sequence_count
+from layerwise.experiments.tasks.transfer import transfer_mnist1d
 
 __all__ = ["TASKS", "get_task", "register_task"]
 
@@ -44,7 +44,7 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
 
 def get_task(name: str, **options) -> Task:
     """The task ``name`` (a key of :data:`TASKS` or ``package.module:factory``) built with
-    ``options``. Raises :class:`~experiments.errors.UsageError` for an unknown name or a
+    ``options``. Raises :class:`~layerwise.experiments.errors.UsageError` for an unknown name or a
     factory that does not accept the options."""
     if not isinstance(name, str) or not name:
         raise UsageError(f"task must be a non-empty string, got {name!r}")

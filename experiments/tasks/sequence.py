@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Budget, Recipe, Splits, Task
-from .cache import cached_arrays
+from layerwise.experiments.tasks.base import Budget, Recipe, Splits, Task
+from layerwise.experiments.tasks.cache import cached_arrays
 
 __all__ = ["TinyTransformer", "generate_query_count", "sequence_count"]
 

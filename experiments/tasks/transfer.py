@@ -4,7 +4,7 @@ The setting where per-layer rates are known to matter most (Howard & Ruder 2018,
 "discriminative fine-tuning"): a pre-trained trunk wants gentle steps, a fresh head bold
 ones.
 
-* Pre-training: the paper's CNN (:class:`~experiments.tasks.mnist1d.CNN`) with 5 outputs,
+* Pre-training: the paper's CNN (:class:`~layerwise.experiments.tasks.mnist1d.CNN`) with 5 outputs,
   trained with Adam (lr 1e-2, batches of 100, ``pretrain_steps`` steps, seed
   ``pretrain_seed``) on every MNIST-1D training example of digits 0-4. Deterministic; the
   weights are cached in-process and, once the data have been loaded with a cache folder,
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import Budget, Recipe, Splits, Task, cross_entropy
-from .cache import cached_state_dict
-from .mnist1d import CNN, default_args, load_arrays
+from layerwise.experiments.tasks.base import Budget, Recipe, Splits, Task, cross_entropy
+from layerwise.experiments.tasks.cache import cached_state_dict
+from layerwise.experiments.tasks.mnist1d import CNN, default_args, load_arrays
 
 __all__ = ["pretrain", "transfer_mnist1d"]
 

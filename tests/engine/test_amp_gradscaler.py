@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from engine import LayerwiseOptimizer
-from policies import SensitivityController
+from layerwise.engine import LayerwiseOptimizer
+from layerwise.policies import SensitivityController
 
 from .helpers import data, loss_fn, mlp, named_groups
 

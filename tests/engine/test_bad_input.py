@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine import LayerwiseOptimizer
-from policies import SensitivityController, schedules
+from layerwise.engine import LayerwiseOptimizer
+from layerwise.policies import SensitivityController, schedules
 
 from .helpers import data, loss_fn, mlp, named_groups
 
@@ -182,7 +182,7 @@ class _Rogue:
         self.out = multipliers
 
     def update(self, report, *, step):
-        from policies.controller import Decision
+        from layerwise.policies.controller import Decision
 
         return Decision(step, self.out)
 

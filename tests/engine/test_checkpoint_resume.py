@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from engine import LayerwiseOptimizer
-from policies import SensitivityController, schedules
+from layerwise.engine import LayerwiseOptimizer
+from layerwise.policies import SensitivityController, schedules
 
 from .helpers import assert_identical, data, loss_fn, mlp, named_groups, params_of
 

@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from engine import LayerwiseOptimizer
-from policies import SensitivityController
+from layerwise.engine import LayerwiseOptimizer
+from layerwise.policies import SensitivityController
 
 from .helpers import loss_fn, mlp, named_groups
 

@@ -1,4 +1,4 @@
-"""Groups from ``policies.group_parameters`` drive the engine end to end: the sensitivity
+"""Groups from ``layerwise.policies.group_parameters`` drive the engine end to end: the sensitivity
 mapping it builds is the grouping's own, and schedule x factors x multiplier compose."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from engine import LayerwiseOptimizer
-from policies import SensitivityController, group_parameters, layer_decay, schedules
+from layerwise.engine import LayerwiseOptimizer
+from layerwise.policies import SensitivityController, group_parameters, layer_decay, schedules
 
 from .helpers import data, loss_fn, mlp
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine import HISTORY_COLUMNS, LayerwiseOptimizer, ScalarLogger
-from policies import SensitivityController
+from layerwise.engine import HISTORY_COLUMNS, LayerwiseOptimizer, ScalarLogger
+from layerwise.policies import SensitivityController
 
 from .helpers import data, loss_fn, mlp, named_groups
 

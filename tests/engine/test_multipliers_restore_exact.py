@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from engine import LayerwiseOptimizer, apply_multipliers, restore_multipliers
+from layerwise.engine import LayerwiseOptimizer, apply_multipliers, restore_multipliers
 
 rates = st.floats(min_value=1e-8, max_value=10.0, allow_nan=False)
 multipliers = st.floats(min_value=0.1, max_value=10.0, allow_nan=False)

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from engine.distributed import local_mean_gradient, pool_reports
-from sensitivity import estimate, two_batch_noise
+from layerwise.engine.distributed import local_mean_gradient, pool_reports
+from layerwise.sensitivity import estimate, two_batch_noise
 
 from .helpers import loss_fn, mlp, named_groups
 

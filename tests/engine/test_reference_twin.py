@@ -2,7 +2,7 @@
 
 The twin (the schedule_free ``_reference.py`` idea) does by hand what the engine automates:
 before each step it sets every group's rate to ``base rate * multiplier``, steps, puts the
-base rate back, and every ``recalibrate_every`` steps calls ``sensitivity.estimate`` with
+base rate back, and every ``recalibrate_every`` steps calls ``layerwise.sensitivity.estimate`` with
 its own probe generator and hands the report to its own controller.
 """
 
@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from engine import LayerwiseOptimizer
-from policies import SensitivityController
-from sensitivity import estimate
+from layerwise.engine import LayerwiseOptimizer
+from layerwise.policies import SensitivityController
+from layerwise.sensitivity import estimate
 
 from .helpers import OPTIMIZERS, assert_identical, data, loss_fn, mlp, named_groups, params_of
 

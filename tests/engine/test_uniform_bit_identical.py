@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LayerwiseOptimizer
-from policies import SensitivityController
+from layerwise.engine import LayerwiseOptimizer
+from layerwise.policies import SensitivityController
 
 from .helpers import (
     OPTIMIZERS,

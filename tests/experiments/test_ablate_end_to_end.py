@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments.cli import main
+from layerwise.experiments.cli import main
 
 TINY = Path(__file__).parents[2] / "experiments" / "configs" / "tiny.toml"
 
@@ -94,7 +94,7 @@ def test_a_rerun_skips_everything(tiny_run, capsys):
 
 def test_a_user_task_by_import_path(tmp_path, monkeypatch, capsys):
     (tmp_path / "user_tasks_e2e.py").write_text(
-        "from experiments.tasks import get_task\n"
+        "from layerwise.experiments.tasks import get_task\n"
         "def small():\n"
         "    return get_task('digits_mlp').with_overrides(steps=4, eval_every=2, batch_size=16,"
         " lr_grid=(0.01,))\n"
@@ -216,9 +216,9 @@ def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):
 
 
 def test_bundled_configs_parse():
-    from experiments.commands.ablate import resolve_config_path
-    from experiments.config import load_config
-    from experiments.plan import final_specs, lr_grid, tuning_specs
+    from layerwise.experiments.commands.ablate import resolve_config_path
+    from layerwise.experiments.config import load_config
+    from layerwise.experiments.plan import final_specs, lr_grid, tuning_specs
 
     for name in ("quickstart", "full", "tiny"):
         config = load_config(resolve_config_path(name))

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import main
-from experiments.config import load_config
-from experiments.errors import UsageError
-from experiments.runner import ablate
+from layerwise.experiments.cli import main
+from layerwise.experiments.config import load_config
+from layerwise.experiments.errors import UsageError
+from layerwise.experiments.runner import ablate
 
 ROOT = Path(__file__).parents[2]
 TINY = ROOT / "experiments" / "configs" / "tiny.toml"
@@ -59,7 +59,7 @@ def test_killed_midway_resumes_without_redoing_finished_runs(tmp_path):
         [
             sys.executable,
             "-m",
-            "experiments.cli",
+            "layerwise.experiments.cli",
             "ablate",
             str(TINY),
             "--out",
@@ -149,7 +149,7 @@ def test_a_live_lock_refuses_a_second_writer(copy):
 
 def test_force_moves_the_old_error_files_aside_too(tmp_path):
     """Failures of the superseded config must not be reported as failures of the new one."""
-    from experiments.rundirs import supersede
+    from layerwise.experiments.rundirs import supersede
 
     out = tmp_path / "out"
     (out / "runs" / "final__a__uniform__default__s0").mkdir(parents=True)

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from experiments.analysis.outputs import OUTPUT_FILES
-from experiments.cli import main
+from layerwise.experiments.analysis.outputs import OUTPUT_FILES
+from layerwise.experiments.cli import main
 
 from .test_analyze_end_to_end import TORCH_JIT_WARNING, once, run_cli, user_workspace
 
@@ -77,8 +77,8 @@ EXTRA = {
     "debug": ["--model", "lw_user_models:broken_model", *DATA],
 }
 
-#: More bad input, checked in-process through the same dispatcher (`experiments.cli.main`),
-#: which spares a torch import per case.
+#: More bad input, checked in-process through the same dispatcher
+#: (`layerwise.experiments.cli.main`), which spares a torch import per case.
 IN_PROCESS = [
     ("checkpoint-without-state-dict", [*MODEL, *DATA, "--checkpoint", "no_state.pt"], 2,
      ["no state dict", "'optimizer'"]),

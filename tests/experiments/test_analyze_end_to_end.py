@@ -22,8 +22,8 @@ import torch
 from filelock import FileLock
 from matplotlib import image as mpimg
 
-from experiments.analysis.outputs import OUTPUT_FILES
-from sensitivity import COLUMNS, SensitivityReport
+from layerwise.experiments.analysis.outputs import OUTPUT_FILES
+from layerwise.sensitivity import COLUMNS, SensitivityReport
 
 PLOTS = [name for name in OUTPUT_FILES if name.endswith(".png")]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -119,15 +119,15 @@ def once(
 
 
 def run_cli(*args: str, pythonpath: Path | None = None, timeout: float = 180) -> Run:
-    """``python -m experiments.cli <args>`` with stdout not a terminal (plain output), in the
-    folder ``pythonpath`` (also put on PYTHONPATH) or the project root."""
+    """``python -m layerwise.experiments.cli <args>`` with stdout not a terminal (plain output), in
+    the folder ``pythonpath`` (also put on PYTHONPATH) or the project root."""
     env = dict(os.environ)
     paths = [str(ROOT), *([str(pythonpath)] if pythonpath else []), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.pop("FORCE_COLOR", None)
     env["OMP_NUM_THREADS"] = "1"  # tiny models; spare a shared CPU from thread contention
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", *args],
+        [sys.executable, "-m", "layerwise.experiments.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -309,7 +309,7 @@ def test_user_model_table_is_plain_text_when_stdout_is_not_a_terminal(user_run):
 @pytest.mark.filterwarnings(TORCH_JIT_WARNING)
 def test_user_model_csv_on_stdout_without_out(user_dir, monkeypatch, capsys):
     """In-process through the dispatcher (the subprocess runs above cover the entry point)."""
-    from experiments.cli import main
+    from layerwise.experiments.cli import main
 
     monkeypatch.syspath_prepend(str(user_dir))
     monkeypatch.chdir(user_dir)

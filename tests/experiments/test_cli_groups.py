@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from torch import nn
 
-from experiments.cli import main
-from experiments.models import MODELS, resolve_model
+from layerwise.experiments.cli import main
+from layerwise.experiments.models import MODELS, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,7 +119,11 @@ def test_rich_table_on_a_terminal(capsys, monkeypatch):
         (["--num-groups", "99"], 2, "num_groups=99 exceeds the 6 trainable layer(s)"),
         (["--format", "xml"], 2, "--format must be one of table, csv, json, got 'xml'"),
         (["--model", "resnet9000"], 2, "unknown model 'resnet9000': bundled models are mlp"),
-        (["--model", "experiments.models:nope"], 2, "module 'experiments.models' has no 'nope'"),
+        (
+            ["--model", "layerwise.experiments.models:nope"],
+            2,
+            "module 'layerwise.experiments.models' has no 'nope'",
+        ),
         (["--model", "no_such_pkg.mod:f"], 2, "cannot import module 'no_such_pkg.mod'"),
         (["--model", f"{__name__}:needs_arguments"], 2, "cannot be called without arguments"),
         (["--model", f"{__name__}:not_a_model"], 2, "returned a str, not a torch.nn.Module"),
@@ -144,7 +148,8 @@ def test_bad_input_is_one_line_on_stderr(capsys, argv, code, message):
 
 def test_subprocess_exit_code_and_one_line_error():
     bad = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "groups", "--strategy", "role", "--head", "zzz"],
+        [sys.executable, "-m", "layerwise.experiments.cli", "groups", "--strategy", "role",
+         "--head", "zzz"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stdout == ""
@@ -154,7 +159,7 @@ def test_subprocess_exit_code_and_one_line_error():
 def test_bundled_model_docstring_examples_run():
     import doctest
 
-    import experiments.models
+    from layerwise.experiments import models
 
-    result = doctest.testmod(experiments.models)
+    result = doctest.testmod(models)
     assert result.attempted > 0 and result.failed == 0

@@ -8,18 +8,18 @@ import json
 import pytest
 import torch
 
-from experiments import __version__
-from experiments.manifest import (
+from layerwise.experiments import __version__
+from layerwise.experiments.manifest import (
     DONE,
     is_finished,
     read_manifest,
     write_done,
     write_manifest,
 )
-from experiments.plan import RunSpec
-from experiments.policy_specs import resolve_policy
-from experiments.tasks import get_task
-from experiments.training import execute
+from layerwise.experiments.plan import RunSpec
+from layerwise.experiments.policy_specs import resolve_policy
+from layerwise.experiments.tasks import get_task
+from layerwise.experiments.training import execute
 
 
 def _spec(policy: str, **extra) -> RunSpec:

@@ -10,9 +10,9 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from experiments.atomic import write_json
-from experiments.cli import main
-from experiments.comparisons import summarise
+from layerwise.experiments.atomic import write_json
+from layerwise.experiments.cli import main
+from layerwise.experiments.comparisons import summarise
 
 PNG = b"\x89PNG\r\n\x1a\n"
 GROUPS = ["layer.0", "head"]
@@ -170,7 +170,7 @@ def test_report_says_who_helped(folder):
 
 
 def test_the_summary_numbers(folder):
-    from experiments.results import load_results
+    from layerwise.experiments.results import load_results
 
     results = load_results(folder)
     table = summarise(results.finals, results.policy_order).set_index("policy")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments.statistics import (
+from layerwise.experiments.statistics import (
     bootstrap_ci,
     compare,
     hedges_g,
@@ -139,7 +139,7 @@ def test_summarise_leaves_out_a_non_finite_test_metric():
 
     import pandas as pd
 
-    from experiments.comparisons import summarise
+    from layerwise.experiments.comparisons import summarise
 
     rows = []
     for policy, values in {"uniform": [0.80, 0.82, 0.84], "noise": [0.83, math.nan, 0.88]}.items():

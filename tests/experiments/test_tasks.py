@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.errors import UsageError
-from experiments.tasks import TASKS, Budget, Recipe, Splits, Task, get_task, holdout
-from experiments.tasks.sequence import generate_query_count
+from layerwise.experiments.errors import UsageError
+from layerwise.experiments.tasks import TASKS, Budget, Recipe, Splits, Task, get_task, holdout
+from layerwise.experiments.tasks.sequence import generate_query_count
 
 # Small options keep the transfer task's pre-training short in tests.
 OPTIONS = {"transfer_mnist1d": {"pretrain_steps": 5}}
@@ -45,7 +45,7 @@ def test_task_contract(name, cache):
     val_loss, val_metric = task.evaluate(model_a, *splits.val, chunk=100)
     assert 0.0 <= float(val_metric) <= 1.0 and torch.isfinite(val_loss)
     # the head patterns name exactly the output layer
-    import policies
+    from layerwise import policies
 
     groups = policies.group_parameters(model_a, head=list(task.head))
     assert [g.role for g in groups][-1] == "head"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.bounds import (
+from layerwise.policies.bounds import (
     Bounds,
     apply_bounds,
     clamp,

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policies.bounds import violations
-from policies.controller import Decision, SensitivityController
-from policies.rules import RULES
-from sensitivity import GroupEstimate, SensitivityReport
+from layerwise.policies.bounds import violations
+from layerwise.policies.controller import Decision, SensitivityController
+from layerwise.policies.rules import RULES
+from layerwise.sensitivity import GroupEstimate, SensitivityReport
 
 SPECS = [*RULES, "curvature+noise", "curvature+noise+trust_ratio"]
 NAMES = ["emb", "l1", "l2", "head", "norm"]

@@ -10,8 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-import policies
-from policies import ParamGroup, ParamGroups, discriminative, layer_decay, validate_factors
+from layerwise import policies
+from layerwise.policies import (
+    ParamGroup,
+    ParamGroups,
+    discriminative,
+    layer_decay,
+    validate_factors,
+)
 
 
 def _groups(*triples: tuple[str, int, str]) -> ParamGroups:

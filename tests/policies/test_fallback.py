@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from policies.controller import SensitivityController
-from policies.safety import FallbackGate, SpikeMonitor, ValidationWatch, report_problems
-from sensitivity import GroupEstimate, SensitivityReport
+from layerwise.policies.controller import SensitivityController
+from layerwise.policies.safety import FallbackGate, SpikeMonitor, ValidationWatch, report_problems
+from layerwise.sensitivity import GroupEstimate, SensitivityReport
 
 
 def rep(a: dict | None = None, b: dict | None = None) -> SensitivityReport:

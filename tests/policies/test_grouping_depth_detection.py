@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from policies import group_parameters
+from layerwise.policies import group_parameters
 from tests.policies.models import CASES, SmallCNN, TinyTransformer, mlp
 
 EXPECTED = {

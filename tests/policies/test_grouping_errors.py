@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from policies import ParamGroup, ParamGroups, group_parameters
+from layerwise.policies import ParamGroup, ParamGroups, group_parameters
 from tests.policies.models import FrozenBackbone, SmallCNN, TiedLM, mlp
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from policies import group_parameters
+from layerwise.policies import group_parameters
 from tests.policies.models import FrozenBackbone, SmallCNN, TiedLM, TinyTransformer, mlp
 
 

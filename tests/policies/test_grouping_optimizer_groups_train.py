@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policies import group_parameters
+from layerwise.policies import group_parameters
 from tests.policies.models import CASES, SmallCNN, TiedLM
 
 

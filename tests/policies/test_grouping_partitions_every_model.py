@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policies import ParamGroups, group_parameters
+from layerwise.policies import ParamGroups, group_parameters
 from tests.policies.models import CASES, ModelCase
 
 STRATEGIES = [

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from policies import ParamGroup, group_parameters
+from layerwise.policies import ParamGroup, group_parameters
 from tests.policies.models import FrozenBackbone, SmallCNN, TiedLM
 
 
@@ -88,11 +88,11 @@ def test_manifest_records_patterns_and_ties():
 @pytest.mark.parametrize(
     "module",
     [
-        "policies.grouping",
-        "policies.grouping_rules",
-        "policies.grouping_depth",
-        "policies.grouping_patterns",
-        "policies.grouping_strategies",
+        "layerwise.policies.grouping",
+        "layerwise.policies.grouping_rules",
+        "layerwise.policies.grouping_depth",
+        "layerwise.policies.grouping_patterns",
+        "layerwise.policies.grouping_strategies",
     ],
 )
 def test_docstring_examples_run(module):

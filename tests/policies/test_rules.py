@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.controller import SensitivityController
-from policies.rules import (
+from layerwise.policies.controller import SensitivityController
+from layerwise.policies.rules import (
     RULES,
     CompositeRule,
     CurvatureRule,
@@ -22,7 +22,7 @@ from policies.rules import (
     make_rule,
     normalise,
 )
-from sensitivity import GroupEstimate, SensitivityReport
+from layerwise.sensitivity import GroupEstimate, SensitivityReport
 
 SPECS = [*RULES, "curvature+noise", "curvature+noise+trust_ratio"]
 
@@ -311,8 +311,8 @@ def test_measurement_is_a_log_value_with_its_relative_stderr():
 def test_noise_rule_infinite_noise_to_signal_gets_the_smallest_step_without_fallback():
     """+inf noise_to_signal (no detectable signal) is a state, not a failure: that group gets
     the smallest multiplier and the controller does not fall back."""
-    from policies import SensitivityController
-    from sensitivity import GroupEstimate, SensitivityReport
+    from layerwise.policies import SensitivityController
+    from layerwise.sensitivity import GroupEstimate, SensitivityReport
 
     def est(name, nsr):
         return GroupEstimate(

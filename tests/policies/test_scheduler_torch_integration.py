@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import policies
-from policies import LayerwiseLR, layer_decay
-from policies import schedules as S
+from layerwise import policies
+from layerwise.policies import LayerwiseLR, layer_decay
+from layerwise.policies import schedules as S
 
 WARM_COSINE = S.join([S.linear_warmup(5, 0.1), S.cosine(25, floor=0.05)], [5])
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from policies import schedules as S
+from layerwise.policies import schedules as S
 
 STEPS = np.array([*range(0, 400), 999, 1000, 1001, 12_345, 10**6], dtype=np.int64)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as L
 
-from policies import schedules as S
+from layerwise.policies import schedules as S
 
 BASE_LRS = (0.1, 0.025)
 

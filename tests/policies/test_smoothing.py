@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from policies.rules import Measurement
-from policies.smoothing import LogEMA
+from layerwise.policies.rules import Measurement
+from layerwise.policies.smoothing import LogEMA
 
 
 def feed(ema: LogEMA, *values: tuple[float, float], limit: float = 10.0):

@@ -108,7 +108,7 @@ def hutchinson_reference(
     """Hutchinson (mean, stderr) per group from the dense Hessian ``h`` (parameters in
     ``order``, at ``slices``), drawing the probes exactly as the estimator does: chunks of
     ``chunk`` from ``draw_probes``, over all parameters (shared) or group by group."""
-    from sensitivity.probes import draw_probes
+    from layerwise.sensitivity.probes import draw_probes
 
     where = dict(zip(order, slices, strict=True))
 

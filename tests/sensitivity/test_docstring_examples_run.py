@@ -15,7 +15,7 @@ MODULES = [
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    module = importlib.import_module(f"sensitivity.{name}")
+    module = importlib.import_module(f"layerwise.sensitivity.{name}")
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"sensitivity.{name} has no example"
     assert result.failed == 0

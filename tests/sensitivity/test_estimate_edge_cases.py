@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity import estimate, make_generator
+from layerwise.sensitivity import estimate, make_generator
 
 from .cases import cross_entropy, mlp
 
@@ -168,7 +168,7 @@ class _NoForwardMode(torch.autograd.Function):
 
 
 def test_forward_mode_failure_falls_back_to_reverse_mode_under_auto():
-    from sensitivity import FunctionalLoss, HessianProduct
+    from layerwise.sensitivity import FunctionalLoss, HessianProduct
 
     torch.manual_seed(0)
     lin = nn.Linear(3, 2).double()
@@ -231,7 +231,7 @@ def test_quantities_not_asked_for_are_none_and_cost_is_recorded():
 def test_report_round_trips_through_json():
     import json
 
-    from sensitivity import SensitivityReport
+    from layerwise.sensitivity import SensitivityReport
 
     case = mlp()
     report = estimate(case.model, _ce, case.batch, probes=3)

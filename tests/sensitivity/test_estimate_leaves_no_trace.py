@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity import estimate
+from layerwise.sensitivity import estimate
 
 from .cases import CASE_IDS, CASES, Case, cross_entropy
 

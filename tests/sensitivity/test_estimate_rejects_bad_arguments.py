@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity import DoubleBackwardError, estimate, two_batch_noise
-from sensitivity.batching import as_batches, batch_size_of
-from sensitivity.probes import draw_probes, make_generator
+from layerwise.sensitivity import DoubleBackwardError, estimate, two_batch_noise
+from layerwise.sensitivity.batching import as_batches, batch_size_of
+from layerwise.sensitivity.probes import draw_probes, make_generator
 
 from .cases import Attention, cross_entropy, mlp
 
@@ -188,7 +188,7 @@ def test_probe_and_two_batch_helpers_validate():
 
 
 def test_building_blocks_validate():
-    from sensitivity import (
+    from layerwise.sensitivity import (
         FunctionalLoss,
         default_groups,
         hutchinson_samples,

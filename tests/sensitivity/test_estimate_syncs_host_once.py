@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity import estimate
+from layerwise.sensitivity import estimate
 
 from .cases import cross_entropy
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.func import replace_all_batch_norm_modules_
 
-from sensitivity import default_groups, estimate, per_example_gradients
-from sensitivity.functional import FunctionalLoss
+from layerwise.sensitivity import default_groups, estimate, per_example_gradients
+from layerwise.sensitivity.functional import FunctionalLoss
 
 from .cases import CASES, Case, batchnorm_train
 from .reference import exact_trace_sigma, per_example_loop

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity import estimate, two_batch_noise
+from layerwise.sensitivity import estimate, two_batch_noise
 
 DT = torch.float64
 DRAWS = 150

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity import estimate, hutchinson_samples, make_generator, trace_estimate
+from layerwise.sensitivity import estimate, hutchinson_samples, make_generator, trace_estimate
 
 SEEDS = 300
 DT = torch.float64

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity.functional import FunctionalLoss, RngReplay
-from sensitivity.hvp import HessianProduct, choose_hvp_mode
+from layerwise.sensitivity.functional import FunctionalLoss, RngReplay
+from layerwise.sensitivity.hvp import HessianProduct, choose_hvp_mode
 
 from .cases import CASE_IDS, CASES
 from .reference import dense_hessian

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sensitivity import default_groups, estimate, make_generator
+from layerwise.sensitivity import default_groups, estimate, make_generator
 
 from .cases import CASE_IDS, CASES, mlp
 from .reference import block_traces, dense_hessian, hutchinson_reference
