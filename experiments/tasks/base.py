@@ -6,7 +6,7 @@ ever calls
 * ``task.build_model(seed)`` -> a fresh ``torch.nn.Module`` (same seed, same weights),
 * ``task.data(cache_dir)`` -> :class:`Splits` (train / validation / test tensors),
 * ``task.loss_fn(model, batch)`` -> the **mean** loss over the batch (the project's loss
-  contract, see ``DESIGN.md``),
+  contract, see ``docs/design.md``),
 * ``task.evaluate(model, inputs, targets)`` -> (mean loss, mean metric) over a split,
 
 and reads ``task.budget`` (steps, batch size, evaluation interval, target validation

@@ -1,4 +1,4 @@
-"""``estimate`` reads device values on the host once, at the end (DESIGN: no host
+"""``estimate`` reads device values on the host once, at the end (docs/design.md: no host
 synchronisation inside the probe loop), and once per chunk only when a tolerance asks.
 
 No GPU is needed to check it: every way Python code can pull a tensor's value to the host
