@@ -13,7 +13,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test test-fast lint format clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/layerwise ablate quickstart --out runs/quickstart --workers 2
 
-test: $(STAMP)
+# The whole check CI runs: lint, format check, then every test (the doctests of every
+# library module included, tests/test_doctests.py). Property tests run derandomized when
+# CI is set (tests/conftest.py), exploring new examples locally.
+test: lint
 	$(PY) -m pytest -n 2 -q
+
+# The inner loop: no lint, no slow end-to-end tests, stop at the first failure.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -q -x -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

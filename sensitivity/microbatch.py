@@ -10,6 +10,18 @@ per-example covariance that reproduces the gradient noise of batches of size ~B/
 (noise extrapolated as 1/b, the usual assumption). M−1 degrees of freedom make this
 noisier than the per-example estimate; average over batches for a steadier figure.
 Cost: one forward and backward pass over the whole batch, in M pieces.
+
+For the loss mean_i (θ − x_i)²/2 the gradient of a micro-batch is θ − mean(x_j); with
+θ = 0 and four examples in two pieces of two, m_1 = −1.5 and m_2 = −3.5, so
+tr(Σ̂) = Σ_j b_j (m_j − m̄)² / (M − 1) = 2·1 + 2·1 = 4:
+
+>>> loss = lambda p, x: ((p["t"] - x) ** 2).mean() / 2
+>>> theta = {"t": torch.zeros(())}
+>>> x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+>>> samples = GradientSamples(loss_gradient(loss, theta, x), [0], num_groups=1)
+>>> accumulate_micro_batches(samples, loss, theta, x, size=4, pieces=2)
+>>> samples.finish("micro_batch").trace_sigma
+tensor([4.])
 """
 
 from __future__ import annotations

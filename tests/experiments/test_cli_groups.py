@@ -154,12 +154,3 @@ def test_subprocess_exit_code_and_one_line_error():
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == "layerwise groups: error: head: no parameter matches ['zzz']\n"
-
-
-def test_bundled_model_docstring_examples_run():
-    import doctest
-
-    from layerwise.experiments import models
-
-    result = doctest.testmod(models)
-    assert result.attempted > 0 and result.failed == 0

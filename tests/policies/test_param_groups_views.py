@@ -4,11 +4,7 @@ and the docstring examples of the grouping modules run."""
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import json
-
-import pytest
 
 from layerwise.policies import ParamGroup, group_parameters
 from tests.policies.models import FrozenBackbone, SmallCNN, TiedLM
@@ -83,18 +79,3 @@ def test_manifest_records_patterns_and_ties():
     assert record["options"]["patterns"] == {"emb": ["embed"]}
     assert record["options"]["catch_all"] == "rest"
     assert record["tied"] == {"lm_head.weight": "embed.weight"}
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        "layerwise.policies.grouping",
-        "layerwise.policies.grouping_rules",
-        "layerwise.policies.grouping_depth",
-        "layerwise.policies.grouping_patterns",
-        "layerwise.policies.grouping_strategies",
-    ],
-)
-def test_docstring_examples_run(module):
-    result = doctest.testmod(importlib.import_module(module))
-    assert result.attempted > 0 and result.failed == 0
