@@ -4,8 +4,6 @@ tables, and refuses unknown keys and bad estimator settings when the config is r
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
 
 from layerwise.experiments.policy_specs import build_controller, build_policy, resolve_policy
@@ -13,24 +11,17 @@ from layerwise.policies import Bounds, Safety, group_parameters
 from layerwise.sensitivity import EstimateOptions
 
 
-def _table(text: str) -> dict:
-    return tomllib.loads(text)["policies"]["curvature"]
-
-
 def test_flat_controller_keys_reach_the_controller():
-    spec = resolve_policy(
-        "curvature", _table("[policies.curvature]\ncontroller = { alpha = 0.25, max_spread = 2 }")
-    )
+    # [policies.curvature] controller = { alpha = 0.25, max_spread = 2 }
+    spec = resolve_policy("curvature", {"controller": {"alpha": 0.25, "max_spread": 2}})
     ctrl = build_controller(spec)
     assert ctrl.alpha == 0.25 and ctrl.bounds == Bounds(max_spread=2.0)
     assert ctrl.safety == Safety(mode="max")  # the presets' validation mode is kept
 
 
 def test_nested_tables_override_the_presets_flat_keys():
-    spec = resolve_policy(
-        "curvature",
-        _table('[policies.curvature]\ncontroller = { safety = { mode = "min", patience = 9 } }'),
-    )
+    # [policies.curvature] controller = { safety = { mode = "min", patience = 9 } }
+    spec = resolve_policy("curvature", {"controller": {"safety": {"mode": "min", "patience": 9}}})
     assert spec["controller"] == {"mode": "min", "patience": 9}
     assert build_controller(spec).safety == Safety(mode="min", patience=9)
 
