@@ -28,7 +28,7 @@ recalibration skip it too. A skip keeps the multipliers and is logged in :attr:`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ from layerwise.engine.naming import name_groups
 from layerwise.engine.recalibration import Recalibrator
 from layerwise.policies.schedule_base import check_int
 
+if TYPE_CHECKING:
+    from layerwise.sensitivity import EstimateOptions
+
 __all__ = ["LayerwiseOptimizer"]
 
 
@@ -66,8 +69,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             first one (see the module docstring).
         batches: an iterable of estimation batches, drawn one per recalibration when
             ``step()`` gets no batch.
-        estimator: keyword arguments for :func:`layerwise.sensitivity.estimate` (e.g. ``probes``,
-            ``quantities``); the engine owns ``groups``, ``generator`` and ``seed``.
+        estimator: the estimate's settings, a :class:`layerwise.sensitivity.EstimateOptions`
+            (used as it is) or a dict of its fields (e.g. ``probes``, ``quantities``) over the
+            engine's defaults (4 probes, the quantities the controller's rule declares),
+            checked here; the engine owns ``groups``, ``generator`` and ``seed``
+            (:func:`layerwise.engine.options.estimator_options`).
         schedule, factors: a :class:`layerwise.policies.Schedule` (or ``{group: Schedule}``) and
             ``{group: factor}``, applied by an internal :class:`layerwise.policies.LayerwiseLR`
             instead of a torch scheduler: base rate ``initial_lr * factor * schedule(step)``.
@@ -98,7 +104,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         recalibrate_every: int = 100,
         warmup_steps: int = 0,
         batches: Iterable[Any] | None = None,
-        estimator: Mapping[str, Any] | None = None,
+        estimator: EstimateOptions | Mapping[str, Any] | None = None,
         schedule: Any = None,
         factors: Mapping[str, float] | None = None,
         history: Any = None,

@@ -1,9 +1,8 @@
 """The engine's options: the controller, the estimator's options, and what a rule reads.
 
-Quantities default to what the controller's rule reads (``curvature``: ``hessian_trace``;
-``noise``: ``grad_variance``, which brings ``noise_to_signal``; ``trust_ratio``: nothing
-beyond ``grad_norm`` and ``param_norm``), always with ``grad_norm`` (the controller's spike
-check reads it), and ``"all"`` for a rule this module does not know.
+Quantities default to what the controller's rule declares (``controller.rule.quantities``, see
+:mod:`layerwise.policies.rules`), always with ``grad_norm`` (the controller's spike check reads
+it), and every quantity for a controller whose rule declares none.
 
 Probes: :data:`DEFAULT_PROBES` = 4 Hutchinson probes per recalibration. With the default
 interval (100 steps) this keeps the whole recalibration cost under 10% of training time on
@@ -13,43 +12,50 @@ about 15-20% there); the controller's smoothing pools the probes of successive r
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from layerwise.sensitivity import QUANTITIES, EstimateOptions
 
 __all__ = [
     "DEFAULT_PROBES",
+    "EstimatorSetup",
     "estimator_options",
     "make_controller",
     "required_quantities",
     "samples_behind",
-    "wants",
-    "without",
 ]
 
 #: Hutchinson probes per recalibration unless ``estimator={"probes": ...}`` says otherwise
 #: (see the module docstring for why 4).
 DEFAULT_PROBES = 4
-_OWNED = ("model", "loss_fn", "batches", "groups", "generator", "seed")
-_RULE_QUANTITIES = {
-    "curvature": ("hessian_trace",),
-    "noise": ("grad_variance",),
-    "trust_ratio": (),
-    "uniform": (),
-}
+#: Arguments of :func:`layerwise.sensitivity.estimate` that the engine sets itself.
+OWNED = ("groups", "generator", "seed")
+#: Runtime arguments of :func:`layerwise.sensitivity.estimate` (callables, not settings) that
+#: an ``estimator`` dict may carry; they are passed through as they are.
+RUNTIME = ("batch_size", "progress")
 
 
-def required_quantities(controller: Any) -> list[str] | str:
-    """The report quantities the controller's rule reads (module docstring)."""
-    name = getattr(getattr(controller, "rule", None), "name", None)
-    if not isinstance(name, str):
-        return "all"
-    wanted = ["grad_norm"]
-    for part in name.split("+"):
-        if part not in _RULE_QUANTITIES:
-            return "all"
-        wanted += [q for q in _RULE_QUANTITIES[part] if q not in wanted]
-    return wanted
+class EstimatorSetup(NamedTuple):
+    """The settings of every recalibration's estimate, and its runtime keyword arguments."""
+
+    options: EstimateOptions
+    runtime: dict[str, Any]
+
+
+def required_quantities(controller: Any) -> tuple[str, ...]:
+    """The report quantities the controller reads: its rule's ``quantities`` and
+    ``grad_norm``, in the estimator's order; all of them when the rule declares none."""
+    declared = getattr(getattr(controller, "rule", None), "quantities", None)
+    if declared is None:
+        return QUANTITIES
+    if isinstance(declared, str) or not all(q in QUANTITIES for q in declared):
+        raise ValueError(
+            f"controller rule declares quantities {declared!r}; expected a tuple of some of "
+            f"{QUANTITIES}"
+        )
+    wanted = {*declared, "grad_norm"}
+    return tuple(q for q in QUANTITIES if q in wanted)
 
 
 def make_controller(controller: Any) -> Any:
@@ -69,65 +75,53 @@ def make_controller(controller: Any) -> Any:
     return controller
 
 
-def estimator_options(
-    estimator: Mapping[str, Any] | None, controller: Any, model: Any, loss_fn: Any
-) -> dict[str, Any]:
-    """The keyword arguments for :func:`layerwise.sensitivity.estimate`, checked now (not at the
-    first recalibration): known names only, none of those the engine sets, valid values."""
-    from layerwise.sensitivity import estimate
+def estimator_options(estimator: Any, controller: Any) -> EstimatorSetup:
+    """The estimator's settings, checked now (not at the first recalibration).
 
+    ``estimator`` is ``None``, an :class:`~layerwise.sensitivity.EstimateOptions` (used as it
+    is: every field explicit; its ``seed`` must stay at the default, the engine's ``seed=``
+    seeds the probes) or a dict of its fields, which override the engine's defaults
+    (``probes`` = :data:`DEFAULT_PROBES`, ``quantities`` = :func:`required_quantities`) and
+    may also hold the runtime callables ``batch_size`` and ``progress``. The engine's own
+    arguments (``groups``, ``generator``, ``seed``) are refused, as are unknown keys.
+    """
     if estimator is None:
         estimator = {}
+    if isinstance(estimator, EstimateOptions):
+        if estimator.seed != EstimateOptions().seed:
+            raise ValueError(
+                f"estimator: seed={estimator.seed!r} is set by the engine (the seed= argument "
+                "seeds the probe generator); leave it at its default"
+            )
+        return EstimatorSetup(estimator, {})
     if not isinstance(estimator, Mapping):
         raise TypeError(
-            f"estimator must be a dict of sensitivity.estimate options, got {estimator!r}"
+            "estimator must be a sensitivity.EstimateOptions or a dict of its fields, "
+            f"got {estimator!r}"
         )
-    known = set(inspect.signature(estimate).parameters) - set(_OWNED)
-    owned = sorted(k for k in estimator if k in _OWNED)
-    unknown = sorted(k for k in estimator if k not in known and k not in _OWNED)
+    owned = sorted(k for k in estimator if k in OWNED)
     if owned:
         raise ValueError(
             f"estimator: {owned} are set by the engine (groups from the optimizer, "
             "generator from seed=); leave them out"
         )
+    known = [*(n for n in EstimateOptions.names() if n not in OWNED), *RUNTIME]
+    unknown = sorted(str(k) for k in estimator if k not in known)
     if unknown:
         raise ValueError(f"estimator: unknown option(s) {unknown}; known: {sorted(known)}")
-    options = {"probes": DEFAULT_PROBES, **estimator}
-    options.setdefault("quantities", required_quantities(controller))
-    _validate_now(estimate, model, loss_fn, options)
-    return options
+    runtime = {k: estimator[k] for k in RUNTIME if k in estimator}
+    for name, value in runtime.items():
+        if not callable(value):
+            raise TypeError(f"estimator: {name} must be callable, got {value!r}")
+    defaults = {"probes": DEFAULT_PROBES, "quantities": required_quantities(controller)}
+    settings = {k: v for k, v in estimator.items() if k not in RUNTIME}
+    return EstimatorSetup(EstimateOptions.from_dict({**defaults, **settings}), runtime)
 
 
-def _validate_now(estimate: Callable[..., Any], model: Any, loss_fn: Any, options: dict) -> None:
-    """Check the estimator options at construction, not at the first recalibration, with
-    the estimator's own checks (so the messages are its messages)."""
-    from layerwise.sensitivity.hvp import HVP_MODES
-    from layerwise.sensitivity.probes import DISTRIBUTIONS
-    from layerwise.sensitivity.validation import check_options, check_quantities
-
-    bound = inspect.signature(estimate).bind(model, loss_fn, None, **options)
-    bound.apply_defaults()
-    values = {
-        k: v for k, v in bound.arguments.items() if k not in ("batches", "groups", "quantities")
-    }
-    check_options(**values, distributions=DISTRIBUTIONS, hvp_modes=HVP_MODES)
-    check_quantities(options["quantities"])
-
-
-def wants(quantities: Any, name: str) -> bool:
-    return quantities == "all" or (not isinstance(quantities, str) and name in quantities)
-
-
-def without(quantities: Any, name: str) -> list[str]:
-    every = ["grad_norm", "grad_variance", "hessian_trace"]
-    chosen = every if quantities == "all" else list(quantities)
-    return [q for q in chosen if q != name]
-
-
-def samples_behind(report: Any, size: int, options: Mapping[str, Any]) -> int:
+def samples_behind(report: Any, size: int, options: EstimateOptions) -> int:
     """Gradient samples M behind a rank's ``grad_variance``: the batch size for per-example
     gradients, else ``min(micro_batches, size)`` micro-batches
     (:mod:`layerwise.sensitivity.microbatch`)."""
     if report.settings.get("variance") in (None, "per_example"):
         return size
-    return min(int(report.settings.get("micro_batches", options.get("micro_batches", 4))), size)
+    return min(int(report.settings.get("micro_batches", options.micro_batches)), size)

@@ -10,7 +10,8 @@ Order of a recalibration after step ``s`` (:meth:`Recalibrator.run`):
 2. **Estimate.** :func:`layerwise.sensitivity.estimate` on the model (unwrapped from DDP or
    ``torch.compile``) with the groups ``{group name: [parameter names]}``, the engine's
    probe generator (seeded with ``seed``, advanced by each estimate, checkpointed) and the
-   ``estimator`` options (:mod:`layerwise.engine.options`). The estimator recomputes its own
+   ``estimator`` settings (an :class:`layerwise.sensitivity.EstimateOptions`, see
+   :mod:`layerwise.engine.options`). The estimator recomputes its own
    gradients from ``loss_fn(model, batch)``, so it sees *unscaled* gradients whatever
    ``GradScaler`` does, and full precision unless ``loss_fn`` enters ``torch.autocast``.
 3. **Pool** across ranks under DDP (:mod:`layerwise.engine.distributed`).
@@ -29,13 +30,7 @@ from torch import nn
 
 from layerwise.engine.multipliers import MULTIPLIER_KEY, check_multiplier, effective_lr
 from layerwise.engine.naming import parameter_mapping, unwrap_model
-from layerwise.engine.options import (
-    estimator_options,
-    make_controller,
-    samples_behind,
-    wants,
-    without,
-)
+from layerwise.engine.options import estimator_options, make_controller, samples_behind
 from layerwise.policies.schedule_base import check_int
 
 __all__ = ["Outcome", "Recalibrator"]
@@ -69,7 +64,7 @@ class Recalibrator:
         model: nn.Module | None,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
         controller: Any,
-        estimator: Mapping[str, Any] | None,
+        estimator: Any,
         seed: int,
     ) -> None:
         if model is None or loss_fn is None:
@@ -85,7 +80,7 @@ class Recalibrator:
         self.optimizer, self.model, self.loss_fn = optimizer, model, loss_fn
         self.module = unwrap_model(model)
         self.mapping = parameter_mapping(model, optimizer.param_groups)
-        self.options = estimator_options(estimator, self.controller, self.module, loss_fn)
+        self.options, self.runtime = estimator_options(estimator, self.controller)
         self.seed = check_int("seed", seed, minimum=0)
         device = next(iter(self.module.parameters())).device
         self.generator = torch.Generator(device=device)
@@ -125,30 +120,31 @@ class Recalibrator:
     def _estimate(self, batch: Any, ddp: Any) -> Any:
         from layerwise.sensitivity import estimate
 
-        options = dict(self.options)
+        options = self.options
         distributed = ddp.is_distributed()
-        two_batch = distributed and options.get("variance") == "two_batch"
-        wants_variance = wants(options["quantities"], "grad_variance")
-        if two_batch and wants_variance:
-            options["quantities"] = without(options["quantities"], "grad_variance")
+        two_batch = distributed and options.variance == "two_batch"
+        wants_variance = "grad_variance" in options.quantities
+        if two_batch and wants_variance:  # the ranks' gradients are the two-batch samples
+            rest = tuple(q for q in options.quantities if q != "grad_variance")
+            options = options.replace(quantities=rest or ("grad_norm",))
         with torch.enable_grad():
             report = estimate(
                 self.module,
                 self.loss_fn,
                 _OneBatch(batch),
                 groups=self.mapping,
+                options=options,
                 generator=self.generator,
-                **options,
+                **self.runtime,
             )
         if not distributed:
             return report
         size = int(report.cost.examples)
         local_sq: dict[str, float] = {}
         global_sq: dict[str, float] = {}
-        if wants_variance or wants(options["quantities"], "grad_norm"):
+        if wants_variance or "grad_norm" in options.quantities:
             names = [n for names in self.mapping.values() for n in names]
-            dtype = options.get("dtype")
-            grads = ddp.local_mean_gradient(self.module, self.loss_fn, batch, names, dtype)
+            grads = ddp.local_mean_gradient(self.module, self.loss_fn, batch, names, options.dtype)
             local_sq, global_sq = ddp.local_gradient_sq_norms(grads, self.mapping, size)
         samples = 1 if two_batch else samples_behind(report, size, options)
         return ddp.sync_report(report, local_sq, global_sq, size, samples, noise=wants_variance)

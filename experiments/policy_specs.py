@@ -9,9 +9,11 @@ A policy spec is a small dict with a ``kind``:
   ``head``, ``backbone``);
 * ``factors``: an explicit ``{group: factor}`` table (key ``factors``, key ``default``);
 * ``controller``: a :class:`layerwise.policies.SensitivityController` with ``rule`` (``curvature``,
-  ``noise``, ``trust_ratio``, ``curvature+noise``...), its keyword arguments under
-  ``controller``, the estimator options under ``estimator`` (``probes``...), and the
-  engine's ``recalibrate_every`` and ``warmup_steps``.
+  ``noise``, ``trust_ratio``, ``curvature+noise``...), its settings under ``controller`` (flat
+  keys such as ``alpha``, ``max_spread``, ``mode``, or nested ``bounds``/``safety`` tables), the
+  estimator's settings under ``estimator`` (fields of
+  :class:`layerwise.sensitivity.EstimateOptions`: ``probes``...), and the engine's
+  ``recalibrate_every`` and ``warmup_steps``.
 
 :data:`PRESETS` names the policies of the study; a config may list them by name, or
 override a preset's keys in a ``[policies.NAME]`` table. A base rate is never part of a
@@ -24,7 +26,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["KINDS", "PRESETS", "build_policy", "resolve_policy"]
+__all__ = ["KINDS", "PRESETS", "build_controller", "build_policy", "resolve_policy"]
 
 KINDS = ("uniform", "layer_decay", "discriminative", "factors", "controller")
 
@@ -76,6 +78,8 @@ def resolve_policy(name: str, table: Mapping[str, Any] | None = None) -> dict[st
         )
     spec = copy.deepcopy(PRESETS[preset_name]) if preset_name else {}
     for key, value in table.items():
+        if key == "controller" and isinstance(value, Mapping):
+            value = _flat_controller(name, value)  # nested keys override the preset's flat ones
         if isinstance(value, Mapping) and isinstance(spec.get(key), Mapping):
             spec[key] = {**spec[key], **value}
         else:
@@ -100,6 +104,15 @@ def resolve_policy(name: str, table: Mapping[str, Any] | None = None) -> dict[st
     return spec
 
 
+def _flat_controller(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    from layerwise.policies.controller_config import flatten
+
+    try:
+        return flatten(table)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"policy {name!r}: {exc}") from exc
+
+
 def _validate(name: str, spec: dict[str, Any]) -> None:
     kind = spec["kind"]
     try:
@@ -109,9 +122,7 @@ def _validate(name: str, spec: dict[str, Any]) -> None:
             for key in ("controller", "estimator"):
                 if not isinstance(spec[key], Mapping):
                     raise TypeError(f"{key} must be a table, got {spec[key]!r}")
-            from layerwise.policies import SensitivityController
-
-            SensitivityController(spec["rule"], **spec["controller"])
+            build_controller(spec)
             for key in ("recalibrate_every", "warmup_steps"):
                 value = spec[key]
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -134,18 +145,33 @@ def _check_engine_options(spec: Mapping[str, Any]) -> None:
     from torch import nn
 
     from layerwise import engine
-    from layerwise.policies import SensitivityController
 
     probe = nn.Linear(2, 2)
     engine.LayerwiseOptimizer(
         torch.optim.SGD(probe.parameters(), lr=0.1),
         model=probe,
         loss_fn=lambda model, batch: model(batch).square().mean(),
-        controller=SensitivityController(spec["rule"], **spec["controller"]),
+        controller=build_controller(spec),
         recalibrate_every=spec["recalibrate_every"],
         warmup_steps=spec["warmup_steps"],
         estimator=dict(spec["estimator"]),
     )
+
+
+def build_controller(spec: Mapping[str, Any]) -> Any:
+    """The :class:`layerwise.policies.SensitivityController` of a controller policy: its
+    ``rule`` and the ``controller`` table, flat keys (``{ alpha = 0.5, max_spread = 4 }``) or
+    nested ones (``bounds = {...}``, ``safety = {...}``); see
+    :meth:`~layerwise.policies.SensitivityController.from_dict`."""
+    from layerwise.policies import SensitivityController
+
+    table = spec["controller"]
+    if "rule" in table:
+        raise ValueError(
+            f"controller: 'rule' belongs to the policy (rule = {spec['rule']!r}), not to its "
+            "controller table"
+        )
+    return SensitivityController.from_dict({**table, "rule": spec["rule"]})
 
 
 def build_policy(spec: Mapping[str, Any], groups: Any) -> dict[str, Any]:
@@ -170,7 +196,7 @@ def build_policy(spec: Mapping[str, Any], groups: Any) -> dict[str, Any]:
             groups, spec["factors"], default=spec.get("default")
         )
     elif kind == "controller":
-        out["controller"] = policies.SensitivityController(spec["rule"], **spec["controller"])
+        out["controller"] = build_controller(spec)
         out["recalibrate_every"] = spec["recalibrate_every"]
         out["warmup_steps"] = spec["warmup_steps"]
         out["estimator"] = dict(spec["estimator"])

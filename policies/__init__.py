@@ -28,6 +28,7 @@ __all__ += ["LayerwiseLR"]
 from layerwise.policies.bounds import Bounds, apply_bounds  # noqa: E402
 from layerwise.policies.controller import Decision, SensitivityController  # noqa: E402
 from layerwise.policies.rules import RULES, Measurement, Rule, make_rule  # noqa: E402
+from layerwise.policies.safety_settings import Safety  # noqa: E402
 
 __all__ += [
     "RULES",
@@ -35,6 +36,7 @@ __all__ += [
     "Decision",
     "Measurement",
     "Rule",
+    "Safety",
     "SensitivityController",
     "apply_bounds",
     "make_rule",

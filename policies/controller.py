@@ -2,7 +2,8 @@
 
 At each recalibration :meth:`SensitivityController.update` runs, in this order:
 
-1. **Sanity checks** (:mod:`layerwise.policies.safety`): a non-finite or impossible estimate, or a
+1. **Sanity checks** (:mod:`layerwise.policies.safety`, configured by ``safety``, a
+   :class:`layerwise.policies.Safety`): a non-finite or impossible estimate, or a
    gradient-norm spike, sends every multiplier to 1 at once (the fallback bypasses the change
    limit on purpose: 1 is the tuned recipe, and leaving a suspect multiplier in place for a few
    more recalibrations is what a fallback exists to avoid), then a cooldown and hysteresis.
@@ -17,15 +18,19 @@ At each recalibration :meth:`SensitivityController.update` runs, in this order:
 4. **Rule and normalisation**: ``m_g = exp(alpha * (s_g - s_bar))`` over the other groups,
    with ``s_bar`` their ``num_params``-weighted mean score, so their parameter-weighted
    geometric mean is 1 (over all groups when none is held).
-5. **Bounds** (:func:`layerwise.policies.bounds.apply_bounds`), the visible last step.
+5. **Bounds** (:func:`layerwise.policies.bounds.apply_bounds` with ``bounds``, a
+   :class:`layerwise.policies.Bounds`), the visible last step.
 
 Defaults are conservative, for use over a well-tuned Adam recipe (Adam already divides by a
 per-parameter gradient scale, so a full-strength rule would double-count): ``alpha=0.5``,
-``max_spread=4`` (so every multiplier stays in [0.5, 2]), ``max_change=1.5``, ``ema=0.5``.
+``Bounds(max_spread=4)`` (so every multiplier stays in [0.5, 2]), ``Bounds(max_change=1.5)``,
+``ema=0.5``. The state (:meth:`SensitivityController.state_dict`) is plain data and its
+controller-level entries are checked by :mod:`layerwise.policies.controller_state`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -33,15 +38,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerwise.policies.bounds import Bounds, apply_bounds
+from layerwise.policies.checks import int_at_least, real_in
+from layerwise.policies.controller_config import controller_arguments
+from layerwise.policies.controller_state import VERSION, check_state
 from layerwise.policies.rules import Rule, make_rule, normalise
-from layerwise.policies.safety import FallbackGate, SpikeMonitor, ValidationWatch, report_problems
+from layerwise.policies.safety import report_problems
+from layerwise.policies.safety_settings import Safety
 from layerwise.policies.smoothing import LogEMA
 from layerwise.sensitivity import SensitivityReport
 
 __all__ = ["Decision", "SensitivityController"]
 
+#: The default limits and safety settings (frozen, so one shared default is safe).
+DEFAULT_BOUNDS = Bounds()
+DEFAULT_SAFETY = Safety()
 _UNINFORMATIVE = 10.0  # relative stderr above which a measurement says nothing about its log
-_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -65,41 +76,27 @@ class Decision:
         }
 
 
-def _real(name: str, value: Any, lo: float, hi: float, *, open_lo=False, open_hi=False) -> float:
-    """``value`` as a float in the interval (``hi`` may be inf, then inf itself is allowed)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
-    above = v > lo if open_lo else v >= lo
-    below = v < hi if open_hi else v <= hi
-    if math.isnan(v) or not (above and below):
-        span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
-        raise ValueError(f"{name} must be in {span}, got {value!r}")
-    return v
-
-
-def _int(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
-    return int(value)
-
-
 class SensitivityController:
     """Bounded per-group learning-rate multipliers from sensitivity reports (module docstring).
 
-    ``spike_factor`` and ``spike_ema``: a group's gradient norm above ``spike_factor`` times its
-    running geometric mean (EMA decay ``spike_ema``) trips the fallback. ``cooldown``:
-    recalibrations at all ones after a fallback; ``hysteresis``: consecutive healthy reports
-    needed after it. ``mode``/``patience``/``min_delta``: the validation watch (see
-    :class:`layerwise.policies.safety.ValidationWatch`).
+    ``rule``: a name (``"curvature"``), a composition (``"curvature+noise"`` or a list) or a
+    :class:`layerwise.policies.Rule`. ``alpha`` >= 0: the exponent of the normalisation
+    ``m_g = exp(alpha * (s_g - s_bar))``. ``ema`` in [0, 1): the decay of the smoothing of the
+    rule's inputs (0: none). ``max_rel_stderr`` > 0 (may be inf): the largest smoothed relative
+    standard error (dimensionless) a group may have and still move. ``bounds``
+    (:class:`layerwise.policies.Bounds`): the limits on the multipliers. ``safety``
+    (:class:`layerwise.policies.Safety`): the spike check, the fallback's cooldown and
+    hysteresis, and the validation watch. :meth:`from_dict` builds one from plain data with
+    the flat keys of configs (``{"alpha": 0.5, "max_spread": 4}``) or the nested form of
+    :meth:`to_dict`.
 
     >>> from layerwise.sensitivity import GroupEstimate, SensitivityReport
     >>> report = SensitivityReport([GroupEstimate("a", 10, hessian_trace=40.0),
     ...                             GroupEstimate("b", 10, hessian_trace=10.0)])
     >>> SensitivityController().update(report, step=100).multipliers
     {'a': 0.7071067811865476, 'b': 1.414213562373095}
+    >>> SensitivityController.from_dict({"rule": "noise", "max_spread": 2}).bounds.max_spread
+    2.0
     """
 
     def __init__(
@@ -107,37 +104,49 @@ class SensitivityController:
         rule: str | Rule | Iterable[str | Rule] = "curvature",
         *,
         alpha: float = 0.5,
-        min_multiplier: float = 0.1,
-        max_multiplier: float = 10.0,
-        max_spread: float = 4.0,
-        max_change: float = 1.5,
         ema: float = 0.5,
         max_rel_stderr: float = 0.5,
-        spike_factor: float = 10.0,
-        spike_ema: float = 0.9,
-        cooldown: int = 2,
-        hysteresis: int = 2,
-        patience: int = 3,
-        mode: str = "min",
-        min_delta: float = 0.0,
+        bounds: Bounds = DEFAULT_BOUNDS,
+        safety: Safety = DEFAULT_SAFETY,
     ) -> None:
         self.rule = make_rule(rule)
-        self.alpha = _real("alpha", alpha, 0.0, math.inf, open_hi=True)
-        self.bounds = Bounds(min_multiplier, max_multiplier, max_spread, max_change)
-        self.ema = _real("ema", ema, 0.0, 1.0, open_hi=True)
-        self.max_rel_stderr = _real("max_rel_stderr", max_rel_stderr, 0.0, math.inf, open_lo=True)
-        spike_factor = _real("spike_factor", spike_factor, 1.0, math.inf, open_lo=True)
-        spike_ema = _real("spike_ema", spike_ema, 0.0, 1.0, open_hi=True)
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        min_delta = _real("min_delta", min_delta, 0.0, math.inf, open_hi=True)
-        self._spike = SpikeMonitor(spike_factor, spike_ema)
-        self._gate = FallbackGate(_int("cooldown", cooldown, 0), _int("hysteresis", hysteresis, 1))
-        self._watch = ValidationWatch(mode, _int("patience", patience, 1), min_delta)
+        self.alpha = real_in("alpha", alpha, 0.0, math.inf, open_hi=True)
+        self.ema = real_in("ema", ema, 0.0, 1.0, open_hi=True)
+        self.max_rel_stderr = real_in("max_rel_stderr", max_rel_stderr, 0.0, math.inf, open_lo=True)
+        if not isinstance(bounds, Bounds):
+            raise TypeError(f"bounds must be a policies.Bounds, got {bounds!r}")
+        if not isinstance(safety, Safety):
+            raise TypeError(f"safety must be a policies.Safety, got {safety!r}")
+        self.bounds, self.safety = bounds, safety
+        self._spike = safety.spike_monitor()
+        self._gate = safety.fallback_gate()
+        self._watch = safety.validation_watch()
         self._multipliers: dict[str, float] = {}
         self._smooth = LogEMA(self.ema)
         self._step: int | None = None
         self._updates = 0
+
+    # -- settings as plain data -----------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SensitivityController:
+        """A controller from plain data: ``rule``, ``alpha``, ``ema``, ``max_rel_stderr`` and
+        the fields of :class:`~layerwise.policies.Bounds` and :class:`~layerwise.policies.Safety`,
+        flat or nested under ``bounds``/``safety`` (:mod:`layerwise.policies.controller_config`).
+        Unknown keys are a ``ValueError`` that names them. The rule is rebuilt from its name,
+        so a custom rule object must be passed to the constructor instead."""
+        return cls(**controller_arguments(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings, nested as the constructor takes them (the rule by its name);
+        :meth:`from_dict` inverts it. :attr:`settings` is the same data flat."""
+        return {
+            "rule": self.rule.name,
+            "alpha": self.alpha,
+            "ema": self.ema,
+            "max_rel_stderr": self.max_rel_stderr,
+            "bounds": dataclasses.asdict(self.bounds),
+            "safety": self.safety.to_dict(),
+        }
 
     # -- public state ---------------------------------------------------------------------
     @property
@@ -152,29 +161,24 @@ class SensitivityController:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The constructor's arguments as plain data (the rule by its name)."""
-        b = self.bounds
+        """The settings flat, one key per field (the keys of configs and manifests):
+        ``rule`` (by name), ``alpha``, the fields of :attr:`bounds`, ``ema``,
+        ``max_rel_stderr``, the fields of :attr:`safety`."""
         return {
             "rule": self.rule.name,
             "alpha": self.alpha,
-            "min_multiplier": b.min_multiplier,
-            "max_multiplier": b.max_multiplier,
-            "max_spread": b.max_spread,
-            "max_change": b.max_change,
+            **dataclasses.asdict(self.bounds),
             "ema": self.ema,
             "max_rel_stderr": self.max_rel_stderr,
-            "spike_factor": self._spike.factor,
-            "spike_ema": self._spike.decay,
-            "cooldown": self._gate.cooldown,
-            "hysteresis": self._gate.hysteresis,
-            "patience": self._watch.patience,
-            "mode": self._watch.mode,
-            "min_delta": self._watch.min_delta,
+            **self.safety.to_dict(),
         }
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
-        return f"SensitivityController({args})"
+        return (
+            f"SensitivityController({self.rule.name!r}, alpha={self.alpha!r}, ema={self.ema!r}, "
+            f"max_rel_stderr={self.max_rel_stderr!r}, bounds={self.bounds!r}, "
+            f"safety={self.safety!r})"
+        )
 
     # -- the update -----------------------------------------------------------------------
     def update(self, report: SensitivityReport, *, step: int) -> Decision:
@@ -183,7 +187,7 @@ class SensitivityController:
             raise TypeError(f"report must be a SensitivityReport, got {type(report).__name__}")
         if len(report) == 0:
             raise ValueError("report must hold at least one group, got an empty report")
-        step = _int("step", step, 0 if self._step is None else self._step)
+        step = int_at_least("step", step, 0 if self._step is None else self._step)
         names = report.names
         problems = report_problems(report) + self._spike.check(report)
         self._spike.update(report)
@@ -253,7 +257,7 @@ class SensitivityController:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"value must be a real number, got {value!r}")
         if step is not None:
-            step = _int("step", step, 0)
+            step = int_at_least("step", step, 0)
         reason = self._watch.observe(float(value), adapting=self.adapting)
         if reason is None:
             return None
@@ -264,7 +268,7 @@ class SensitivityController:
     def state_dict(self) -> dict[str, Any]:
         """Plain data (floats, ints, strings, lists, dicts, None)."""
         return {
-            "version": _VERSION,
+            "version": VERSION,
             "settings": self.settings,
             "step": self._step,
             "updates": self._updates,
@@ -278,12 +282,12 @@ class SensitivityController:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output. The settings must match this controller's; any
         mismatch or malformed entry is a ValueError that names it (and nothing is changed)."""
-        step, updates, multipliers = _check_state(self, state)
+        step, updates, multipliers = check_state(state, self.settings, self.bounds)
         smooth = LogEMA(self.ema)
         smooth.load_state_dict(state["smoothing"])
-        spike = SpikeMonitor(self._spike.factor, self._spike.decay)
-        gate = FallbackGate(self._gate.cooldown, self._gate.hysteresis)
-        watch = ValidationWatch(self._watch.mode, self._watch.patience, self._watch.min_delta)
+        spike = self.safety.spike_monitor()
+        gate = self.safety.fallback_gate()
+        watch = self.safety.validation_watch()
         spike.load_state_dict(state["spike"])
         gate.load_state_dict(state["gate"])
         watch.load_state_dict(state["validation"])
@@ -294,55 +298,3 @@ class SensitivityController:
             multipliers,
             smooth,
         )
-
-
-_KEYS = (
-    "version",
-    "settings",
-    "step",
-    "updates",
-    "multipliers",
-    "smoothing",
-    "spike",
-    "gate",
-    "validation",
-)
-
-
-def _check_state(ctrl: SensitivityController, state: Any):
-    """Validate the controller-level entries of a state dict; return them converted."""
-    if not isinstance(state, Mapping):
-        raise ValueError(f"state must be a mapping from state_dict(), got {type(state).__name__}")
-    if set(state) != set(_KEYS):
-        raise ValueError(
-            f"state keys differ: missing {sorted(set(_KEYS) - set(state))}, "
-            f"unexpected {sorted(set(state) - set(_KEYS))}"
-        )
-    if state["version"] != _VERSION:
-        raise ValueError(f"state version must be {_VERSION}, got {state['version']!r}")
-    ours, theirs = ctrl.settings, state["settings"]
-    if not isinstance(theirs, Mapping):
-        raise ValueError(f"state settings must be a mapping, got {theirs!r}")
-    diff = [
-        f"{k}: saved {theirs.get(k)!r}, here {ours.get(k)!r}"
-        for k in sorted(set(ours) | set(theirs))
-        if theirs.get(k) != ours.get(k)
-    ]
-    if diff:
-        raise ValueError(f"state was saved with other settings ({'; '.join(diff)})")
-    step, updates = state["step"], state["updates"]
-    if step is not None:
-        step = _int("state step", step, 0)
-    updates = _int("state updates", updates, 0)
-    lo, hi = ctrl.bounds.interval()
-    multipliers = {}
-    if not isinstance(state["multipliers"], Mapping):
-        raise ValueError(f"state multipliers must be a mapping, got {state['multipliers']!r}")
-    for name, v in state["multipliers"].items():
-        if not (isinstance(name, str) and isinstance(v, int | float) and lo <= v <= hi):
-            raise ValueError(
-                f"state multiplier of group {name!r} must be a float in "
-                f"[{lo:.4g}, {hi:.4g}] under these bounds, got {v!r}"
-            )
-        multipliers[name] = float(v)
-    return step, updates, multipliers

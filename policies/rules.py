@@ -40,6 +40,12 @@ meaning. Every built-in rule is a power law in positive quantities, ``s_g = powe
                  normalised ratio at alpha = 1. A zero norm leaves the ratio undefined (held).
 ``uniform``      no inputs, s = 0: all ones (the control arm).
 
+Each rule declares ``quantities``, the estimate quantities it reads (beyond ``param_norm`` and
+``num_params``, which every report holds): ``curvature`` ``("hessian_trace",)``, ``noise``
+``("grad_norm", "grad_variance")`` (``grad_variance`` brings ``noise_to_signal``; ``grad_norm``
+its standard error), ``trust_ratio`` ``("grad_norm",)``, ``uniform`` ``()``; a composition the
+union. The engine estimates exactly those (plus ``grad_norm`` for the controller's spike check).
+
 Composition (``"curvature+noise"`` or a list) sums the scores, i.e. multiplies the multipliers,
 then renormalises. Rules are frozen dataclasses; ``RULES`` maps names to zero-argument factories,
 so adding an entry enrols the rule in the contract tests.
@@ -50,9 +56,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import ClassVar, NamedTuple, Protocol, runtime_checkable
 
-from layerwise.sensitivity import GroupEstimate, SensitivityReport
+from layerwise.sensitivity import QUANTITIES, GroupEstimate, SensitivityReport
 
 __all__ = [
     "RULES",
@@ -83,7 +89,10 @@ Measured = dict[str, dict[str, Measurement] | str]
 
 @runtime_checkable
 class Rule(Protocol):
-    """What the controller needs of a rule (see the module docstring)."""
+    """What the controller needs of a rule (see the module docstring). A rule should also
+    declare ``quantities``, the names of :func:`layerwise.sensitivity.estimate` quantities it
+    reads (``param_norm`` and ``num_params`` are always there); a rule without it is given
+    every quantity by the engine."""
 
     name: str
 
@@ -128,6 +137,7 @@ def _weights(groups: Sequence[GroupEstimate]) -> list[float]:
 class CurvatureRule:
     """Smaller steps where the per-parameter Hessian trace is larger (module docstring)."""
 
+    quantities: ClassVar[tuple[str, ...]] = ("hessian_trace",)
     power: float = 1.0
     floor: float = 0.01
     name: str = "curvature"
@@ -165,6 +175,7 @@ class CurvatureRule:
 class NoiseRule:
     """Smaller steps where the gradient is mostly noise: q = 1 + noise_to_signal."""
 
+    quantities: ClassVar[tuple[str, ...]] = ("grad_norm", "grad_variance")
     power: float = 1.0
     name: str = "noise"
 
@@ -195,6 +206,7 @@ class NoiseRule:
 class TrustRatioRule:
     """LARS: larger steps where the weights are large relative to their gradient."""
 
+    quantities: ClassVar[tuple[str, ...]] = ("grad_norm",)
     power: float = 1.0
     name: str = "trust_ratio"
 
@@ -222,6 +234,7 @@ class TrustRatioRule:
 class UniformRule:
     """All ones: no inputs, every score 0."""
 
+    quantities: ClassVar[tuple[str, ...]] = ()
     name: str = "uniform"
 
     def measure(self, report: SensitivityReport) -> Measured:
@@ -245,6 +258,14 @@ class CompositeRule:
     @property
     def name(self) -> str:
         return "+".join(p.name for p in self.parts)
+
+    @property
+    def quantities(self) -> tuple[str, ...]:
+        """The union of the parts' quantities (all of them for a part that declares none)."""
+        wanted = set()
+        for part in self.parts:
+            wanted.update(getattr(part, "quantities", QUANTITIES))
+        return tuple(q for q in QUANTITIES if q in wanted)
 
     def measure(self, report: SensitivityReport) -> Measured:
         merged: Measured = {g.group: {} for g in report}

@@ -11,15 +11,19 @@ from layerwise.sensitivity.functional import FunctionalLoss, leaves_no_trace
 from layerwise.sensitivity.groups import GroupIndex, default_groups, resolve_groups
 from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
 from layerwise.sensitivity.hvp import HessianProduct
+from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.per_example import per_example_gradients
 from layerwise.sensitivity.probes import draw_probes, make_generator
 from layerwise.sensitivity.report import COLUMNS, EstimateCost, GroupEstimate, SensitivityReport
 from layerwise.sensitivity.two_batch import NoiseEstimate, two_batch_noise
+from layerwise.sensitivity.validation import QUANTITIES
 
 __all__ = [
     "COLUMNS",
+    "QUANTITIES",
     "DoubleBackwardError",
     "EstimateCost",
+    "EstimateOptions",
     "FunctionalLoss",
     "GroupEstimate",
     "GroupIndex",

@@ -26,11 +26,12 @@ from layerwise.sensitivity.functional import (
     uses_batch_statistics,
 )
 from layerwise.sensitivity.groups import resolve_groups
-from layerwise.sensitivity.hvp import HVP_MODES, choose_hvp_mode
-from layerwise.sensitivity.probes import DISTRIBUTIONS, make_generator
+from layerwise.sensitivity.hvp import choose_hvp_mode
+from layerwise.sensitivity.options import EstimateOptions
+from layerwise.sensitivity.probes import make_generator
 from layerwise.sensitivity.report import EstimateCost, SensitivityReport
 from layerwise.sensitivity.runner import Plan, Run
-from layerwise.sensitivity.validation import check_options, check_quantities
+from layerwise.sensitivity.validation import check_call
 
 __all__ = ["estimate"]
 
@@ -43,24 +44,26 @@ def estimate(
     batches: Any,
     *,
     groups: Mapping[str, Iterable[str]] | None = None,
-    quantities: str | Iterable[str] = "all",
-    probes: int = 32,
-    seed: int = 0,
+    options: EstimateOptions | None = None,
     generator: torch.Generator | None = None,
-    distribution: str = "rademacher",
-    isolated: bool = False,
-    chunk_size: int = 8,
-    hvp_mode: str = "auto",
-    variance: str = "auto",
-    micro_batches: int = 4,
-    dtype: torch.dtype | None = None,
-    tolerance: float | None = None,
-    max_probes: int | None = None,
     progress: Callable[[int, int], Any] | None = None,
     batch_size: Callable[[Any], int] | None = None,
-    example_chunk_size: int | None = None,
+    **settings: Any,
 ) -> SensitivityReport:
     """Per-group gradient norm, gradient noise and Hessian trace of ``loss_fn``.
+
+    **Settings** are the fields of :class:`layerwise.sensitivity.EstimateOptions`
+    (``quantities``, ``probes``, ``seed``, ``distribution``, ``isolated``, ``chunk_size``,
+    ``hvp_mode``, ``variance``, ``micro_batches``, ``dtype``, ``tolerance``, ``max_probes``,
+    ``example_chunk_size``), given as ``options=EstimateOptions(...)``, as keyword shortcuts
+    (``estimate(model, loss_fn, batches, probes=8)``), or both: shortcuts **override** the
+    fields of ``options`` (``options.replace(**shortcuts)``, validated again). An unknown
+    keyword is a ``TypeError`` that names it and lists the known ones. The settings used are
+    recorded in ``report.settings`` (:meth:`EstimateOptions.to_dict` keys, with ``hvp_mode``
+    and ``variance`` as resolved and the requested ones under ``hvp_mode_requested`` and
+    ``variance_requested``; ``seed`` is ``None`` when a ``generator`` was passed; ``groups``
+    the resolved groups). The other keyword arguments are runtime objects, not settings:
+    ``groups``, ``generator``, ``progress`` and ``batch_size``.
 
     ``loss_fn(model, batch)`` returns the **mean** loss over ``batch``; ``batches`` is one
     batch or an iterable of batches (see :func:`layerwise.sensitivity.batching.as_batches`);
@@ -143,47 +146,59 @@ def estimate(
     (['0', '2'], 8)
     """
     started = time.perf_counter()
-    check_options(
-        model=model, loss_fn=loss_fn, probes=probes, chunk_size=chunk_size,
-        micro_batches=micro_batches, isolated=isolated, dtype=dtype, tolerance=tolerance,
-        max_probes=max_probes, progress=progress, batch_size=batch_size,
-        example_chunk_size=example_chunk_size, generator=generator, hvp_mode=hvp_mode,
-        variance=variance, distribution=distribution, seed=seed,
-        distributions=DISTRIBUTIONS, hvp_modes=HVP_MODES,
+    check_call(
+        model=model, loss_fn=loss_fn, generator=generator, progress=progress,
+        batch_size=batch_size,
     )  # fmt: skip
-    wanted = check_quantities(quantities)
+    if options is None:
+        options = EstimateOptions()
+    elif not isinstance(options, EstimateOptions):
+        raise TypeError(f"options must be an EstimateOptions or None, got {options!r}")
+    unknown = sorted(set(settings) - set(EstimateOptions.names()))
+    if unknown:
+        raise TypeError(
+            f"estimate() got unknown keyword argument(s) {unknown}; the settings are "
+            f"{sorted(EstimateOptions.names())}, the other keywords groups, options, "
+            "generator, progress, batch_size"
+        )
+    if settings:
+        options = options.replace(**settings)
+    wanted = options.quantities
     index = resolve_groups(model, groups)
-    budget = max_probes if max_probes is not None else probes
+    batch_statistics = uses_batch_statistics(model)
     plan = Plan(
         index=index,
         trace="hessian_trace" in wanted,
         noise="grad_variance" in wanted,
         gradient="grad_norm" in wanted or "grad_variance" in wanted,
-        budget=budget,
-        chunk_size=chunk_size,
+        budget=options.budget,
+        chunk_size=options.chunk_size,
         mode=choose_hvp_mode(
-            hvp_mode, math.ceil(budget / chunk_size), model.get_parameter(index.params[0]).device
+            options.hvp_mode,
+            math.ceil(options.budget / options.chunk_size),
+            model.get_parameter(index.params[0]).device,
         ),
-        fallback=hvp_mode == "auto",
-        method=variance
-        if variance != "auto"
-        else ("micro_batch" if uses_batch_statistics(model) else "per_example"),
-        micro_batches=micro_batches,
-        distribution=distribution,
-        isolated=isolated,
-        tolerance=tolerance,
-        example_chunk_size=example_chunk_size,
-        batch_statistics=uses_batch_statistics(model),
+        fallback=options.hvp_mode == "auto",
+        method=options.variance
+        if options.variance != "auto"
+        else ("micro_batch" if batch_statistics else "per_example"),
+        micro_batches=options.micro_batches,
+        distribution=options.distribution,
+        isolated=options.isolated,
+        tolerance=options.tolerance,
+        example_chunk_size=options.example_chunk_size,
+        batch_statistics=batch_statistics,
     )
-    if plan.noise and plan.method == "per_example" and uses_batch_statistics(model):
+    if plan.noise and plan.method == "per_example" and batch_statistics:
         raise ValueError(
             "variance='per_example' is undefined for a model with BatchNorm in training mode "
             "(its examples interact); use variance='micro_batch' or 'auto'"
         )
     expected = count_batches(batches)
+    dtype = options.dtype
     with leaves_no_trace(model):
         loss = FunctionalLoss(model, loss_fn, index.params, dtype)
-        gen = _generator(generator, seed, loss.values)
+        gen = _generator(generator, options.seed, loss.values)
         run = Run(plan, loss, gen, model_devices(model), progress, expected)
         for batch in as_batches(batches):
             size = batch_size_of(batch, batch_size)
@@ -192,16 +207,16 @@ def estimate(
             raise ValueError("batches yielded no batch")
         report = run.report(wanted)
     seconds = time.perf_counter() - started
-    settings = dict(report.settings)
-    settings.update(
-        quantities=list(wanted), probes=probes, max_probes=max_probes, tolerance=tolerance,
-        seed=None if generator is not None else seed, distribution=distribution,
-        isolated=isolated, chunk_size=chunk_size, hvp_mode_requested=hvp_mode,
-        micro_batches=micro_batches, dtype=None if dtype is None else str(dtype),
-        groups=index.mapping(),
-    )  # fmt: skip
+    recorded = {
+        **options.to_dict(),
+        "seed": None if generator is not None else options.seed,
+        "hvp_mode_requested": options.hvp_mode,
+        "variance_requested": options.variance,
+        **report.settings,  # hvp_mode and variance as used, hvp_fallback
+        "groups": index.mapping(),
+    }
     cost = EstimateCost(**{**report.cost.to_dict(), "seconds": seconds})
-    return SensitivityReport(report.groups, cost, settings)
+    return SensitivityReport(report.groups, cost, recorded)
 
 
 def _generator(generator: torch.Generator | None, seed: int, values: Params) -> torch.Generator:

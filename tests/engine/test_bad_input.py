@@ -10,6 +10,7 @@ from torch import nn
 
 from layerwise.engine import LayerwiseOptimizer
 from layerwise.policies import SensitivityController, schedules
+from layerwise.sensitivity import EstimateOptions
 
 from .helpers import data, loss_fn, mlp, named_groups
 
@@ -95,9 +96,39 @@ CASES = {
     "estimator_not_mapping": (
         dict(estimator=[("probes", 3)]),
         TypeError,
-        "estimator must be a dict",
+        r"estimator must be a sensitivity.EstimateOptions or a dict of its fields, "
+        r"got \[\('probes', 3\)\]",
     ),
-    "estimator_bad_value": (dict(estimator={"probes": 0}), ValueError, "probes"),
+    "estimator_bad_value": (
+        dict(estimator={"probes": 0}),
+        ValueError,
+        "probes must be >= 1, got 0",
+    ),
+    "estimator_bad_quantity": (
+        dict(estimator={"quantities": ["hessian"]}),
+        ValueError,
+        r"quantities has unknown names \['hessian'\]",
+    ),
+    "estimator_bad_dtype": (
+        dict(estimator={"dtype": "float128x"}),
+        ValueError,
+        "dtype must name a torch dtype such as 'float64', got 'float128x'",
+    ),
+    "estimator_options_seed": (
+        dict(estimator=EstimateOptions(seed=3)),
+        ValueError,
+        r"estimator: seed=3 is set by the engine",
+    ),
+    "estimator_generator": (
+        dict(estimator={"generator": torch.Generator()}),
+        ValueError,
+        r"estimator: \['generator'\] are set by the engine",
+    ),
+    "estimator_runtime_not_callable": (
+        dict(estimator={"batch_size": 4}),
+        TypeError,
+        "estimator: batch_size must be callable, got 4",
+    ),
     "history_suffix": (
         dict(history="log.txt"),
         ValueError,

@@ -20,6 +20,7 @@ from layerwise.experiments.plan import RunSpec
 from layerwise.experiments.policy_specs import resolve_policy
 from layerwise.experiments.tasks import get_task
 from layerwise.experiments.training import execute
+from layerwise.policies import SensitivityController
 
 
 def _spec(policy: str, **extra) -> RunSpec:
@@ -87,6 +88,8 @@ def test_manifest_records_controller_and_estimator(runs):
     manifest = read_manifest(run_dir)
     assert manifest["controller"]["rule"] == "curvature"
     assert manifest["controller"]["max_spread"] > 1
+    rebuilt = SensitivityController.from_dict(manifest["controller"])
+    assert rebuilt.settings == manifest["controller"]
     assert manifest["estimator"] == {"recalibrate_every": 2, "warmup_steps": 2, "probes": 8}
     assert manifest["factors"] is None
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from layerwise.policies import Bounds, Safety
 from layerwise.policies.bounds import violations
 from layerwise.policies.controller import Decision, SensitivityController
 from layerwise.policies.rules import RULES
@@ -52,15 +53,19 @@ def reports(draw, nasty: bool = True) -> SensitivityReport:
 def controller_kwargs(draw) -> dict:
     return dict(
         alpha=draw(st.sampled_from([0.0, 0.5, 1.0, 3.0])),
-        min_multiplier=draw(st.sampled_from([0.01, 0.1, 0.5, 1.0])),
-        max_multiplier=draw(st.sampled_from([1.0, 2.0, 10.0, 100.0])),
-        max_spread=draw(st.sampled_from([1.0, 2.0, 4.0, 1e3])),
-        max_change=draw(st.sampled_from([1.0, 1.5, 10.0])),
         ema=draw(st.sampled_from([0.0, 0.5, 0.9])),
         max_rel_stderr=draw(st.sampled_from([0.1, 0.5, math.inf])),
-        cooldown=draw(st.integers(0, 2)),
-        hysteresis=draw(st.integers(1, 2)),
-        patience=draw(st.integers(1, 2)),
+        bounds=Bounds(
+            min_multiplier=draw(st.sampled_from([0.01, 0.1, 0.5, 1.0])),
+            max_multiplier=draw(st.sampled_from([1.0, 2.0, 10.0, 100.0])),
+            max_spread=draw(st.sampled_from([1.0, 2.0, 4.0, 1e3])),
+            max_change=draw(st.sampled_from([1.0, 1.5, 10.0])),
+        ),
+        safety=Safety(
+            cooldown=draw(st.integers(0, 2)),
+            hysteresis=draw(st.integers(1, 2)),
+            patience=draw(st.integers(1, 2)),
+        ),
     )
 
 
@@ -136,7 +141,7 @@ def _plain(x) -> bool:
 @FEW
 @given(sequence=st.lists(reports(nasty=False), min_size=1, max_size=4))
 def test_uniform_rule_is_all_ones(sequence):
-    ctrl = SensitivityController("uniform", spike_factor=math.inf)
+    ctrl = SensitivityController("uniform", safety=Safety(spike_factor=math.inf))
     for i, report in enumerate(sequence):
         assert set(ctrl.update(report, step=i).multipliers.values()) == {1.0}
 
@@ -147,7 +152,7 @@ def _report(**traces: float) -> SensitivityReport:
 
 
 def test_a_new_group_starts_at_one_and_a_missing_group_keeps_its_multiplier():
-    ctrl = SensitivityController(max_change=1.5, max_spread=16.0)
+    ctrl = SensitivityController(bounds=Bounds(max_change=1.5, max_spread=16.0))
     ctrl.update(_report(a=1000.0, b=1.0), step=1)
     d = ctrl.update(_report(a=1000.0, b=1.0, c=1.0), step=2)
     assert d.multipliers["c"] <= 1.5  # moved from 1 at most by max_change
@@ -177,7 +182,7 @@ def test_a_group_with_a_noisy_estimate_keeps_its_previous_multiplier_until_smoot
 
 def test_reasons_explain_the_rule_the_proposal_and_the_bounds():
     # curvatures 4 and 0.1: proposal sqrt(sqrt(4 * 0.1) / 4) = 0.3976 for "a"
-    d = SensitivityController(max_change=1.5).update(_report(a=40.0, b=1.0), step=1)
+    d = SensitivityController(bounds=Bounds(max_change=1.5)).update(_report(a=40.0, b=1.0), step=1)
     assert d.reasons["a"] == (
         "curvature: curvature 4 -> proposed 0.3976; max_spread: 0.3976 -> 0.5; "
         "max_change: 0.5 -> 0.6667 -> 0.6667"
@@ -198,30 +203,41 @@ def test_decision_to_dict_is_plain_data():
 # -- argument and state validation ------------------------------------------------------------
 BAD_ARGS = [
     ({"rule": "curvy"}, ValueError, "unknown rule 'curvy'; known rules are"),
-    ({"alpha": -0.1}, ValueError, "alpha"),
-    ({"alpha": math.inf}, ValueError, "alpha"),
-    ({"alpha": "1"}, TypeError, "alpha"),
-    ({"min_multiplier": 2.0}, ValueError, "min_multiplier"),
-    ({"max_multiplier": 0.5}, ValueError, "max_multiplier"),
-    ({"max_spread": 0.5}, ValueError, "max_spread"),
-    ({"max_change": math.nan}, ValueError, "max_change"),
-    ({"ema": 1.0}, ValueError, "ema"),
-    ({"max_rel_stderr": 0.0}, ValueError, "max_rel_stderr"),
-    ({"spike_factor": 1.0}, ValueError, "spike_factor"),
-    ({"spike_ema": -0.1}, ValueError, "spike_ema"),
-    ({"cooldown": -1}, ValueError, "cooldown"),
-    ({"cooldown": 1.0}, TypeError, "cooldown"),
-    ({"hysteresis": 0}, ValueError, "hysteresis"),
-    ({"patience": True}, TypeError, "patience"),
-    ({"mode": "up"}, ValueError, "mode"),
-    ({"min_delta": -1.0}, ValueError, "min_delta"),
+    ({"alpha": -0.1}, ValueError, r"alpha must be in \[0, inf\), got -0.1"),
+    ({"alpha": math.inf}, ValueError, r"alpha must be in \[0, inf\), got inf"),
+    ({"alpha": "1"}, TypeError, "alpha must be a real number, got '1'"),
+    ({"min_multiplier": 2.0}, ValueError, r"min_multiplier must be in \(0, 1\], got 2.0"),
+    ({"max_multiplier": 0.5}, ValueError, "max_multiplier must be finite and >= 1.0, got 0.5"),
+    ({"max_spread": 0.5}, ValueError, "max_spread must be finite and >= 1.0, got 0.5"),
+    ({"max_change": math.nan}, ValueError, "max_change must be finite and >= 1.0, got nan"),
+    ({"ema": 1.0}, ValueError, r"ema must be in \[0, 1\), got 1.0"),
+    ({"max_rel_stderr": 0.0}, ValueError, r"max_rel_stderr must be in \(0, inf\], got 0.0"),
+    ({"spike_factor": 1.0}, ValueError, r"spike_factor must be in \(1, inf\], got 1.0"),
+    ({"spike_ema": -0.1}, ValueError, r"spike_ema must be in \[0, 1\), got -0.1"),
+    ({"cooldown": -1}, ValueError, "cooldown must be >= 0, got -1"),
+    ({"cooldown": 1.0}, TypeError, "cooldown must be an int, got 1.0"),
+    ({"hysteresis": 0}, ValueError, "hysteresis must be >= 1, got 0"),
+    ({"patience": True}, TypeError, "patience must be an int, got True"),
+    ({"mode": "up"}, ValueError, "mode must be 'min' or 'max', got 'up'"),
+    ({"min_delta": -1.0}, ValueError, r"min_delta must be in \[0, inf\), got -1.0"),
 ]
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGS, ids=[str(a) for a, *_ in BAD_ARGS])
-def test_constructor_rejects_bad_arguments_naming_them(kwargs, error, match):
+def test_flat_settings_reject_bad_values_naming_them(kwargs, error, match):
     with pytest.raises(error, match=match):
-        SensitivityController(**kwargs)
+        SensitivityController.from_dict(kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGS, ids=[str(a) for a, *_ in BAD_ARGS])
+def test_constructor_and_settings_objects_reject_bad_values_naming_them(kwargs, error, match):
+    (key,) = kwargs
+    owner = {f: cls for cls in (Bounds, Safety) for f in cls.__dataclass_fields__}.get(key)
+    with pytest.raises(error, match=match):
+        if owner is None:
+            SensitivityController(**kwargs)
+        else:
+            owner(**kwargs)
 
 
 def test_update_validates_its_arguments():

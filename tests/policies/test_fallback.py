@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from layerwise.policies import Bounds, Safety
 from layerwise.policies.controller import SensitivityController
 from layerwise.policies.safety import FallbackGate, SpikeMonitor, ValidationWatch, report_problems
 from layerwise.sensitivity import GroupEstimate, SensitivityReport
@@ -29,7 +30,7 @@ ONES = {"a": 1.0, "b": 1.0}
 
 
 def test_non_finite_estimate_falls_back_then_cooldown_then_hysteresis_then_resumes():
-    ctrl = SensitivityController(cooldown=2, hysteresis=2)
+    ctrl = SensitivityController(safety=Safety(cooldown=2, hysteresis=2))
     first = ctrl.update(HEALTHY, step=100)
     assert not first.fallback and first.event is None and first.multipliers != ONES
 
@@ -55,7 +56,7 @@ def test_non_finite_estimate_falls_back_then_cooldown_then_hysteresis_then_resum
 
 
 def test_an_unhealthy_report_while_recovering_starts_over():
-    ctrl = SensitivityController(cooldown=0, hysteresis=2)
+    ctrl = SensitivityController(safety=Safety(cooldown=0, hysteresis=2))
     ctrl.update(rep(b={"grad_norm": math.inf}), step=1)
     assert ctrl.update(HEALTHY, step=2).event.startswith("fallback recovering (1/2")
     again = ctrl.update(rep(b={"param_norm": -1.0}), step=3)
@@ -66,7 +67,9 @@ def test_an_unhealthy_report_while_recovering_starts_over():
 
 def test_the_fallback_jumps_to_one_past_the_change_limit_and_resumes_from_one():
     sharp = rep(a={"hessian_trace": 160.0})  # curvature ratio 16: sqrt gives 4 = max_spread
-    ctrl = SensitivityController(max_change=1.5, max_spread=4.0, cooldown=0, hysteresis=1)
+    ctrl = SensitivityController(
+        bounds=Bounds(max_change=1.5, max_spread=4.0), safety=Safety(cooldown=0, hysteresis=1)
+    )
     assert ctrl.update(sharp, step=1).multipliers == pytest.approx({"a": 1 / 1.5, "b": 1.5})
     assert ctrl.update(sharp, step=2).multipliers == pytest.approx({"a": 0.5, "b": 2.0})
     assert ctrl.update(rep(a={"grad_norm": math.nan}), step=3).multipliers == ONES  # 2 -> 1
@@ -83,7 +86,7 @@ def test_negative_curvature_and_unknown_stderr_are_not_fallbacks():
 
 
 def test_gradient_norm_spike_falls_back_naming_the_group():
-    ctrl = SensitivityController(spike_factor=10.0)
+    ctrl = SensitivityController(safety=Safety(spike_factor=10.0))
     for step in (1, 2, 3):
         ctrl.update(HEALTHY, step=step)
     assert not ctrl.update(rep(a={"grad_norm": 9.0}), step=4).fallback
@@ -106,7 +109,7 @@ def test_a_lasting_level_shift_is_absorbed_by_the_spike_average():
 
 
 def test_validation_worsening_after_adaptation_falls_back_after_patience():
-    ctrl = SensitivityController(patience=3, mode="min")
+    ctrl = SensitivityController(safety=Safety(patience=3, mode="min"))
     assert ctrl.observe_validation(1.0) is None
     assert ctrl.observe_validation(0.9) is None  # the best before adaptation: 0.9
     ctrl.update(HEALTHY, step=100)
@@ -123,7 +126,7 @@ def test_validation_worsening_after_adaptation_falls_back_after_patience():
 
 
 def test_validation_mode_max_with_min_delta():
-    ctrl = SensitivityController(patience=2, mode="max", min_delta=0.02)
+    ctrl = SensitivityController(safety=Safety(patience=2, mode="max", min_delta=0.02))
     ctrl.observe_validation(0.80)
     ctrl.update(HEALTHY, step=1)
     assert ctrl.observe_validation(0.79) is None  # within min_delta: not worse
@@ -134,7 +137,7 @@ def test_validation_mode_max_with_min_delta():
 
 
 def test_non_finite_validation_trips_only_while_adapting():
-    ctrl = SensitivityController(patience=5)
+    ctrl = SensitivityController(safety=Safety(patience=5))
     assert ctrl.observe_validation(math.nan) is None  # before adaptation: ignored
     ctrl.update(HEALTHY, step=1)
     d = ctrl.observe_validation(math.inf)
@@ -142,7 +145,7 @@ def test_non_finite_validation_trips_only_while_adapting():
 
 
 def test_without_a_baseline_the_first_value_while_adapting_is_the_baseline():
-    ctrl = SensitivityController(patience=1)
+    ctrl = SensitivityController(safety=Safety(patience=1))
     ctrl.update(HEALTHY, step=1)
     assert ctrl.observe_validation(2.0) is None
     assert ctrl.observe_validation(1.5) is None
@@ -150,7 +153,7 @@ def test_without_a_baseline_the_first_value_while_adapting_is_the_baseline():
 
 
 def test_values_seen_during_a_fallback_become_the_baseline():
-    ctrl = SensitivityController(patience=1, cooldown=0, hysteresis=1)
+    ctrl = SensitivityController(safety=Safety(patience=1, cooldown=0, hysteresis=1))
     ctrl.observe_validation(1.0)
     ctrl.update(rep(a={"hessian_trace": math.inf}), step=1)
     assert ctrl.observe_validation(0.5) is None  # not adapting: a better baseline

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from layerwise.policies import Bounds
 from layerwise.policies.controller import SensitivityController
 from layerwise.policies.rules import (
     RULES,
@@ -297,7 +298,7 @@ def test_more_curvature_never_gives_a_larger_multiplier(case, alpha):
     after = rule_multipliers(CurvatureRule(), _curvature_report(sizes, raised), alpha)
     assert after[f"g{i}"] <= before[f"g{i}"] * (1 + 1e-12)
     # ... and through the whole controller, bounds included (first recalibration)
-    ctrl = dict(alpha=alpha, max_spread=8.0, max_change=3.0)
+    ctrl = dict(alpha=alpha, bounds=Bounds(max_spread=8.0, max_change=3.0))
     b = SensitivityController(**ctrl).update(_curvature_report(sizes, traces), step=1)
     a = SensitivityController(**ctrl).update(_curvature_report(sizes, raised), step=1)
     assert a.multipliers[f"g{i}"] <= b.multipliers[f"g{i}"] * (1 + 1e-12)

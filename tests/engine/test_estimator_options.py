@@ -1,0 +1,113 @@
+"""The engine's estimator settings: quantities come from the controller's rule, a dict
+overrides the engine's defaults, an EstimateOptions is used as it is, runtime callables are
+passed through, and the settings reach every recalibration's estimate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from layerwise.engine import DEFAULT_PROBES, LayerwiseOptimizer, required_quantities
+from layerwise.policies import RULES, SensitivityController
+from layerwise.sensitivity import QUANTITIES, EstimateOptions
+
+from .helpers import data, loss_fn, mlp, named_groups
+
+
+def _reports(controller, estimator, steps: int = 2) -> list:
+    """The reports of ``steps`` recalibrations (one per step), seen by a callback."""
+    net = mlp(dropout=0.0)
+    seen = []
+    opt = LayerwiseOptimizer(
+        torch.optim.SGD(named_groups(net), lr=0.1), model=net, loss_fn=loss_fn,
+        controller=controller, recalibrate_every=1, estimator=estimator,
+        callback=lambda decision, report, step: seen.append(report),
+    )  # fmt: skip
+    for batch in data(steps):
+        opt.zero_grad()
+        loss_fn(net, batch).backward()
+        opt.step(batch)
+    return seen
+
+
+@pytest.mark.parametrize("rule", [*RULES, "curvature+noise"])
+def test_quantities_default_to_what_the_rule_declares_plus_grad_norm(rule):
+    controller = SensitivityController(rule, max_rel_stderr=math.inf)
+    expected = tuple(q for q in QUANTITIES if q in {*controller.rule.quantities, "grad_norm"})
+    assert required_quantities(controller) == expected
+    (report, *_) = _reports(controller, None, steps=1)
+    assert report.settings["quantities"] == list(expected)
+    assert report.settings["probes"] == DEFAULT_PROBES
+
+
+class _NoRule:
+    """A controller without a rule: the engine cannot know what it reads."""
+
+    def update(self, report, *, step):
+        from layerwise.policies.controller import Decision
+
+        return Decision(step, dict.fromkeys(report.names, 1.0))
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_a_controller_without_declared_quantities_gets_all():
+    assert required_quantities(_NoRule()) == QUANTITIES
+    (report, *_) = _reports(_NoRule(), {"probes": 2}, steps=1)
+    assert report.settings["quantities"] == list(QUANTITIES)
+
+
+def test_a_rule_declaring_unknown_quantities_is_refused_at_construction():
+    class Odd:
+        rule = type("R", (), {"quantities": ("hessian",)})()
+
+    with pytest.raises(ValueError, match=r"declares quantities \('hessian',\)"):
+        required_quantities(Odd())
+
+
+def test_a_dict_overrides_the_engine_defaults_and_reaches_every_estimate():
+    controller = SensitivityController("curvature", max_rel_stderr=math.inf)
+    reports = _reports(controller, {"probes": 3, "hvp_mode": "jvp", "chunk_size": 2})
+    assert len(reports) == 2
+    for report in reports:
+        assert report.settings["probes"] == 3 and report.settings["chunk_size"] == 2
+        assert report.settings["hvp_mode_requested"] == "jvp"
+        assert report.settings["quantities"] == ["grad_norm", "hessian_trace"]
+        assert report.settings["seed"] is None  # the engine's generator, not a seed
+        assert {e.hessian_probes for e in report} == {3}
+
+
+def test_an_estimate_options_object_is_used_as_it_is():
+    options = EstimateOptions(probes=5, quantities=["grad_norm"])
+    controller = SensitivityController("trust_ratio", max_rel_stderr=math.inf)
+    (report, *_) = _reports(controller, options, steps=1)
+    assert report.settings["quantities"] == ["grad_norm"]
+    assert report.settings["probes"] == 5
+    assert all(e.hessian_trace is None for e in report)
+
+
+def test_runtime_callables_are_passed_through():
+    sizes = []
+
+    def batch_size(batch):
+        sizes.append(len(batch[0]))
+        return len(batch[0])
+
+    controller = SensitivityController("trust_ratio", max_rel_stderr=math.inf)
+    _reports(controller, {"probes": 2, "batch_size": batch_size}, steps=2)
+    assert sizes == [12, 12]
+
+
+def test_bad_options_fail_at_construction_not_at_the_first_recalibration():
+    net = mlp()
+    with pytest.raises(ValueError, match="max_probes=8 is a budget for the stopping rule"):
+        LayerwiseOptimizer(
+            torch.optim.SGD(named_groups(net), lr=0.1), model=net, loss_fn=loss_fn,
+            controller="curvature", recalibrate_every=10**6, estimator={"max_probes": 8},
+        )  # fmt: skip
