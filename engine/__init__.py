@@ -3,22 +3,27 @@ multipliers from a controller, refreshed at each recalibration.
 
 Modules, one concept each: :mod:`~layerwise.engine.optimizer` (the wrapper and its step),
 :mod:`~layerwise.engine.multipliers` (apply for the step, restore exactly),
-:mod:`~layerwise.engine.recalibration`
-(estimate, decide, apply), :mod:`~layerwise.engine.options` (controller and estimator options),
+:mod:`~layerwise.engine.recalibration` (estimate, decide, apply),
+:mod:`~layerwise.engine.options` (controller and estimator options),
 :mod:`~layerwise.engine.distributed` (pooling reports across DDP ranks),
-:mod:`~layerwise.engine.checkpoint`
-(the engine's part of the optimizer state dict), :mod:`~layerwise.engine.history` (the recalibration
-log and its CSV/Parquet file), :mod:`~layerwise.engine.callbacks` (callbacks, TensorBoard writers),
+:mod:`~layerwise.engine.checkpoint` (the engine's part of the optimizer state dict, composed
+from its components' state dicts), :mod:`~layerwise.engine.history` (the recalibration log
+in memory), :mod:`~layerwise.engine.callbacks` (callbacks, TensorBoard writers),
 :mod:`~layerwise.engine.batches` (estimation batches from an iterable),
 :mod:`~layerwise.engine.naming` (group and parameter names).
+
+Per-group schedules and factors are :class:`layerwise.policies.LayerwiseLR`, a torch
+scheduler that composes with the engine; the history file is
+:class:`layerwise.experiments.history_file.HistoryFile`, a callback.
 """
 
 from layerwise.engine.callbacks import ScalarLogger, as_callback
 from layerwise.engine.distributed import pool_reports
-from layerwise.engine.history import HISTORY_COLUMNS, History
+from layerwise.engine.history import HISTORY_COLUMNS, History, history_frame
 from layerwise.engine.multipliers import MULTIPLIER_KEY, apply_multipliers, restore_multipliers
 from layerwise.engine.optimizer import LayerwiseOptimizer
 from layerwise.engine.options import DEFAULT_PROBES, required_quantities
+from layerwise.engine.recalibration import Recalibration
 
 __all__: list[str] = [
     "DEFAULT_PROBES",
@@ -26,9 +31,11 @@ __all__: list[str] = [
     "MULTIPLIER_KEY",
     "History",
     "LayerwiseOptimizer",
+    "Recalibration",
     "ScalarLogger",
     "apply_multipliers",
     "as_callback",
+    "history_frame",
     "pool_reports",
     "required_quantities",
     "restore_multipliers",

@@ -2,9 +2,10 @@
 
 The iterable is cycled: when an iterator is exhausted, ``iter(batches)`` starts it again
 (a ``DataLoader`` then reshuffles as it would for a new epoch). The number of batches drawn
-is part of the engine's checkpoint; after a resume, the first draw re-creates the iterator
-and skips that many batches, so an iterable that yields the same sequence each time it is
-iterated anew continues exactly where it stopped. A sequence (list, tuple) is indexed, so
+is the source's state (:meth:`BatchSource.state_dict`, part of the engine's checkpoint);
+after a resume, the first draw re-creates the iterator and skips that many batches, so an
+iterable that yields the same sequence each time it is iterated anew continues exactly
+where it stopped. A sequence (list, tuple) is indexed, so
 nothing is replayed; any other iterable is replayed batch by batch, which for a shuffling
 ``DataLoader`` also draws its shuffling seeds again: give such a loader its own
 ``generator`` so that the replay does not consume the global random stream.
@@ -12,8 +13,10 @@ nothing is replayed; any other iterable is replayed batch by batch, which for a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+from layerwise.policies.schedule_base import check_int
 
 __all__ = ["BatchSource"]
 
@@ -24,7 +27,7 @@ class BatchSource:
     >>> source = BatchSource([1, 2, 3])
     >>> [source.next() for _ in range(4)], source.drawn
     ([1, 2, 3, 1], 4)
-    >>> resumed = BatchSource([1, 2, 3]); resumed.drawn = 4
+    >>> resumed = BatchSource([1, 2, 3]); resumed.load_state_dict(source.state_dict())
     >>> resumed.next()
     2
     """
@@ -78,3 +81,25 @@ class BatchSource:
             except StopIteration:
                 raise ValueError("batches yielded no batch (an empty iterable)") from None
         self._position += 1
+
+    def state_dict(self) -> dict[str, int]:
+        """Plain data for a checkpoint: ``{"drawn": batches drawn so far}``."""
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Continue after ``state["drawn"]`` draws (the next draw replays up to there);
+        checked first, so a bad state changes nothing."""
+        self.drawn = self.check_state_dict(state)
+        self._iterator, self._position = None, 0
+
+    @staticmethod
+    def check_state_dict(state: Any) -> int:
+        """The draw count of a :meth:`state_dict`, validated, or ``ValueError``."""
+        if not isinstance(state, Mapping) or set(state) != {"drawn"}:
+            raise ValueError(
+                f"batches state must be a mapping with the one key 'drawn', got {state!r:.80}"
+            )
+        try:
+            return check_int("batches state['drawn']", state["drawn"], minimum=0)
+        except TypeError as err:
+            raise ValueError(str(err)) from err

@@ -1,17 +1,21 @@
-"""The recalibration callback: ``callback(decision, report, step)``, or a logger.
+"""The recalibration callback: ``callback(record)``, or a scalar logger, or several.
 
 :func:`as_callback` accepts
 
-- a callable ``callback(decision, report, step)``, called after every recalibration that
-  reached the controller, with its :class:`layerwise.policies.Decision`, the
-  :class:`layerwise.sensitivity.SensitivityReport` it was made from (``None`` for a fallback that
-  ``observe_validation`` triggered), and the engine's step;
+- a callable ``callback(record)``, called after every recalibration (skipped ones
+  included) and every fallback ``observe_validation`` applied, with a
+  :class:`layerwise.engine.recalibration.Recalibration`: ``record.step``, ``record.rows``
+  (the history rows it added), ``record.decision`` and ``record.report`` (``None`` where
+  there is none); e.g. :class:`layerwise.experiments.history_file.HistoryFile`, which
+  appends the rows to a CSV or Parquet file;
 - any object with ``add_scalar(tag, value, step)`` (TensorBoard's ``SummaryWriter``, or a
-  Weights & Biases/Aim adapter with that method), wrapped in :class:`ScalarLogger`.
+  Weights & Biases/Aim adapter with that method), wrapped in :class:`ScalarLogger`;
+- a list or tuple of those, called in order.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -46,7 +50,12 @@ class ScalarLogger:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         self.writer, self.prefix, self.lrs = writer, prefix, lrs
 
-    def __call__(self, decision: Any, report: Any, step: int) -> None:
+    def __call__(self, record: Any) -> None:
+        """Write ``record`` (a :class:`~layerwise.engine.recalibration.Recalibration`); a
+        skipped recalibration (no decision) writes nothing."""
+        decision, report, step = record.decision, record.report, record.step
+        if decision is None:
+            return
         add, p = self.writer.add_scalar, self.prefix
         for group, m in decision.multipliers.items():
             add(f"{p}/multiplier/{group}", float(m), step)
@@ -63,15 +72,45 @@ class ScalarLogger:
 
 def as_callback(
     callback: Any, *, lrs: Callable[[], Mapping[str, Any]] | None = None
-) -> Callable[[Any, Any, int], None] | None:
-    """``None``, a callable, or an object with ``add_scalar`` (see the module docstring)."""
+) -> Callable[[Any], None] | None:
+    """``None``, a callable, an object with ``add_scalar``, or a list or tuple of those
+    (see the module docstring), as one callable ``f(record)``."""
     if callback is None:
         return None
+    if isinstance(callback, list | tuple):
+        each = [_one(f"callback[{i}]", c, lrs) for i, c in enumerate(callback)]
+
+        def every(record: Any) -> None:
+            for one in each:
+                one(record)
+
+        return every
+    return _one("callback", callback, lrs)
+
+
+def _one(name: str, callback: Any, lrs: Callable[[], Mapping[str, Any]] | None) -> Any:
     if callable(callback):
+        _check_one_argument(name, callback)
         return callback
     if callable(getattr(callback, "add_scalar", None)):
         return ScalarLogger(callback, lrs=lrs)
     raise TypeError(
-        "callback must be callable as callback(decision, report, step) or have an "
-        f"add_scalar(tag, value, step) method (e.g. a TensorBoard SummaryWriter), got {callback!r}"
+        f"{name} must be callable as callback(record) or have an add_scalar(tag, value, step) "
+        f"method (e.g. a TensorBoard SummaryWriter), got {callback!r}"
     )
+
+
+def _check_one_argument(name: str, callback: Callable[..., Any]) -> None:
+    """Refuse a callable that cannot be called with the one ``record`` argument (e.g. one
+    written for the former ``callback(decision, report, step)``)."""
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):  # no introspectable signature (some builtins): trusted
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be callable with one argument, callback(record), where record has "
+            f".step, .rows, .decision and .report; {callback!r} has the signature {signature}"
+        ) from None

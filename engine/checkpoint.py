@@ -1,75 +1,122 @@
-"""The engine's part of a checkpoint, inside the base optimizer's state dict.
+"""The engine's part of a checkpoint, composed from its components' own state dicts.
 
 ``LayerwiseOptimizer.state_dict()`` is the base optimizer's state dict, whose groups carry
-``"name"`` and ``"lr_multiplier"`` (and ``"initial_lr"`` with a schedule), plus one extra
-top-level entry ``"layerwise"`` of plain data:
+``"name"`` and ``"lr_multiplier"``, plus one extra top-level entry ``"layerwise"`` of
+plain data:
 
 ==================  ===================================================================
-``version``         format version (1)
+``version``         format version (:data:`FORMAT_VERSION`)
 ``step``            optimizer steps taken through the engine
 ``group_names``     the groups' names, in order (checked on load)
 ``settings``        ``recalibrate_every`` and ``warmup_steps`` (a difference only warns)
-``recalibrator``    ``{"controller": controller.state_dict(), "generator": uint8 tensor,
-                    "seed": int}`` (``None`` without a controller)
-``batches_drawn``   estimation batches drawn from ``batches=`` so far
-``scheduler``       the internal :class:`layerwise.policies.LayerwiseLR` state (``None`` without
-one)
-``history``         the recalibration rows (the file, if any, is left as it is)
+``recalibrator``    :meth:`layerwise.engine.recalibration.Recalibrator.state_dict`: the
+                    controller's state, the probe generator's and the seed (``None``
+                    without a controller)
+``batches``         :meth:`layerwise.engine.batches.BatchSource.state_dict` (``None``
+                    without ``batches=``)
+``history``         :meth:`layerwise.engine.history.History.state_dict`: the rows
 ==================  ===================================================================
 
-So saving the optimizer's state saves everything, and resuming (model, optimizer, and the
-user's own scheduler and data order) continues bit for bit. Loading validates every entry
-first, then loads the controller, the scheduler and the base optimizer, rolling the first
-two back if a later one fails, so a failed load changes nothing.
+So saving the optimizer's state saves everything the engine owns, and resuming (model,
+optimizer, and the user's own scheduler, e.g. :class:`layerwise.policies.LayerwiseLR`, and
+data order) continues bit for bit. :func:`load_state` checks every entry first (the
+engine's own and each component's), then loads the recalibrator (whose controller checks
+its own entry before it changes anything) and the base optimizer, undoing the first if
+the second fails, and only then the history and the batch count, which cannot fail.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from layerwise.engine.batches import BatchSource
+from layerwise.engine.history import History
 from layerwise.engine.multipliers import MULTIPLIER_KEY, check_multiplier
+from layerwise.engine.recalibration import Recalibrator
 from layerwise.policies.schedule_base import check_int
 
-if TYPE_CHECKING:
-    from layerwise.engine.optimizer import LayerwiseOptimizer
-
-__all__ = ["ENGINE_KEY", "FORMAT_VERSION", "pack_state", "unpack_state"]
+__all__ = ["ENGINE_KEY", "FORMAT_VERSION", "load_state", "pack_state"]
 
 ENGINE_KEY = "layerwise"
-FORMAT_VERSION = 1
-_KEYS = (
-    "version",
-    "step",
-    "group_names",
-    "settings",
-    "recalibrator",
-    "batches_drawn",
-    "scheduler",
-    "history",
-)
+FORMAT_VERSION = 2
+_KEYS = ("version", "step", "group_names", "settings", "recalibrator", "batches", "history")
+_WHERE = f"state_dict[{ENGINE_KEY!r}]"
 
 
-def pack_state(engine: LayerwiseOptimizer) -> dict[str, Any]:
-    """The ``"layerwise"`` entry of ``engine.state_dict()``."""
-    recal, source, sched = engine._recalibrator, engine._source, engine._scheduler
+def pack_state(
+    *,
+    step: int,
+    names: list[str],
+    settings: Mapping[str, Any],
+    recalibrator: Recalibrator | None,
+    batches: BatchSource | None,
+    history: History,
+) -> dict[str, Any]:
+    """The ``"layerwise"`` entry: the engine's own data and each component's state dict."""
     return {
         "version": FORMAT_VERSION,
-        "step": engine._step,
-        "group_names": list(engine._names),
-        "settings": {
-            "recalibrate_every": engine.recalibrate_every,
-            "warmup_steps": engine.warmup_steps,
-        },
-        "recalibrator": None if recal is None else recal.state_dict(),
-        "batches_drawn": 0 if source is None else source.drawn,
-        "scheduler": None if sched is None else sched.state_dict(),
-        "history": engine._history.state(),
+        "step": step,
+        "group_names": list(names),
+        "settings": dict(settings),
+        "recalibrator": None if recalibrator is None else recalibrator.state_dict(),
+        "batches": None if batches is None else batches.state_dict(),
+        "history": history.state_dict(),
     }
 
 
-def _check_entry(engine: LayerwiseOptimizer, state_dict: Any) -> dict[str, Any]:
+def load_state(
+    state_dict: Any,
+    *,
+    base: torch.optim.Optimizer,
+    names: list[str],
+    settings: Mapping[str, Any],
+    recalibrator: Recalibrator | None,
+    batches: BatchSource | None,
+    history: History,
+) -> int:
+    """Check ``state_dict`` (the engine's own entries and each component's), then load it
+    into ``base`` and the components; return the saved step. On error nothing changes.
+
+    A checkpoint saved without ``batches=`` resumes a source from draw 0; one saved with
+    it, into an engine without, has its count checked and not used."""
+    entry = _check_entry(state_dict, names)
+    saved, own = entry["recalibrator"], recalibrator
+    if (saved is None) != (own is None):
+        raise ValueError(
+            f"{_WHERE} {'has no' if saved is None else 'has'} recalibrator state but this "
+            f"engine {'has' if own is not None else 'has no'} controller; build the engine "
+            "as it was saved"
+        )
+    history.check_state_dict(entry["history"])
+    if entry["batches"] is not None:
+        BatchSource.check_state_dict(entry["batches"])
+    if recalibrator is not None:
+        recalibrator.check_state_dict(saved)
+    _warn_settings(entry["settings"], settings)
+    backup = None if recalibrator is None else recalibrator.state_dict()
+    try:
+        if recalibrator is not None:
+            recalibrator.load_state_dict(saved)
+        base.load_state_dict({k: v for k, v in state_dict.items() if k != ENGINE_KEY})
+    except BaseException:
+        if recalibrator is not None:
+            recalibrator.load_state_dict(backup)
+        raise
+    for group in base.param_groups:
+        group[MULTIPLIER_KEY] = float(group.get(MULTIPLIER_KEY, 1.0))
+    history.load_state_dict(entry["history"])
+    if batches is not None:
+        batches.load_state_dict(entry["batches"] or {"drawn": 0})
+    return entry["step"]
+
+
+def _check_entry(state_dict: Any, names: list[str]) -> dict[str, Any]:
+    """The ``"layerwise"`` entry, its keys, version, step and group names checked against
+    ``names`` and the state dict's groups (names and multipliers)."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     if ENGINE_KEY not in state_dict:
@@ -79,29 +126,28 @@ def _check_entry(engine: LayerwiseOptimizer, state_dict: Any) -> dict[str, Any]:
         )
     entry = state_dict[ENGINE_KEY]
     if not isinstance(entry, Mapping):
-        raise ValueError(f"state_dict[{ENGINE_KEY!r}] must be a mapping, got {entry!r}")
+        raise ValueError(f"{_WHERE} must be a mapping, got {entry!r:.80}")
     missing = [k for k in _KEYS if k not in entry]
     unknown = sorted(map(str, set(entry) - set(_KEYS)))
     if missing or unknown:
-        raise ValueError(f"state_dict[{ENGINE_KEY!r}]: missing keys {missing}, unknown {unknown}")
+        raise ValueError(f"{_WHERE}: missing keys {missing}, unknown {unknown}")
     if entry["version"] != FORMAT_VERSION:
         raise ValueError(
-            f"state_dict[{ENGINE_KEY!r}] has version {entry['version']!r}, "
-            f"this engine reads version {FORMAT_VERSION}"
+            f"{_WHERE} has version {entry['version']!r}, this engine reads version {FORMAT_VERSION}"
         )
-    check_int(f"state_dict[{ENGINE_KEY!r}]['step']", entry["step"], minimum=0)
-    check_int(f"state_dict[{ENGINE_KEY!r}]['batches_drawn']", entry["batches_drawn"], minimum=0)
-    names = list(engine._names)
-    saved = entry["group_names"]
-    groups = state_dict.get("param_groups")
+    entry = dict(entry)
+    try:
+        entry["step"] = check_int(f"{_WHERE}['step']", entry["step"], minimum=0)
+    except TypeError as err:
+        raise ValueError(str(err)) from err
+    saved, groups = entry["group_names"], state_dict.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(names):
         raise ValueError(
             f"state_dict has {groups!r:.80} param_groups; this optimizer has groups {names}"
         )
     if not isinstance(saved, list | tuple):
         raise ValueError(
-            f"state_dict[{ENGINE_KEY!r}]['group_names'] must be a list of group names, "
-            f"got {saved!r:.80}"
+            f"{_WHERE}['group_names'] must be a list of group names, got {saved!r:.80}"
         )
     for i, g in enumerate(groups):
         if not isinstance(g, Mapping):
@@ -111,62 +157,23 @@ def _check_entry(engine: LayerwiseOptimizer, state_dict: Any) -> dict[str, Any]:
             f"state_dict is for groups {list(saved)}; this optimizer has groups {names}"
         )
     for g in groups:
-        check_multiplier(
-            f"multiplier of group {g['name']!r} in state_dict", g.get(MULTIPLIER_KEY, 1.0)
-        )
-    for key, own in (("recalibrator", engine._recalibrator), ("scheduler", engine._scheduler)):
-        if (entry[key] is None) != (own is None):
-            has = "has" if entry[key] is not None else "has no"
-            raise ValueError(
-                f"state_dict[{ENGINE_KEY!r}] {has} {key} state but this engine "
-                f"{'has' if own is not None else 'has no'} {key}; build the engine as it was saved"
+        try:
+            check_multiplier(
+                f"multiplier of group {g['name']!r} in state_dict", g.get(MULTIPLIER_KEY, 1.0)
             )
-    settings = entry["settings"]
-    if not isinstance(settings, Mapping):
-        raise ValueError(
-            f"state_dict[{ENGINE_KEY!r}]['settings'] must be a mapping, got {settings!r}"
-        )
-    changed = {
-        k: (v, getattr(engine, k, None))
-        for k, v in settings.items()
-        if getattr(engine, k, None) != v
-    }
+        except TypeError as err:
+            raise ValueError(str(err)) from err
+    if not isinstance(entry["settings"], Mapping):
+        raise ValueError(f"{_WHERE}['settings'] must be a mapping, got {entry['settings']!r:.80}")
+    return entry
+
+
+def _warn_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    changed = {k: (v, current.get(k)) for k, v in saved.items() if current.get(k) != v}
     if changed:
         warnings.warn(
             f"load_state_dict: the engine's settings differ from the checkpoint's "
             f"(saved, now): {changed}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return dict(entry)
-
-
-def unpack_state(engine: LayerwiseOptimizer, state_dict: Mapping[str, Any]) -> None:
-    """Validate ``state_dict`` and load it into ``engine``; on error nothing changes."""
-    entry = _check_entry(engine, state_dict)
-    history_check = type(engine._history)()
-    history_check.load_state(entry["history"])
-    recal, sched = engine._recalibrator, engine._scheduler
-    recal_backup = None if recal is None else recal.state_dict()
-    sched_backup = None if sched is None else sched.state_dict()
-    try:
-        if recal is not None:
-            recal.load_state_dict(entry["recalibrator"])
-        if sched is not None:
-            sched.load_state_dict(entry["scheduler"])
-        base_state = {k: v for k, v in state_dict.items() if k != ENGINE_KEY}
-        engine.base.load_state_dict(base_state)
-    except Exception:
-        if recal is not None:
-            recal.load_state_dict(recal_backup)
-        if sched is not None:
-            sched.load_state_dict(sched_backup)
-        raise
-    for g in engine.base.param_groups:
-        g[MULTIPLIER_KEY] = float(g.get(MULTIPLIER_KEY, 1.0))
-    engine._step = int(entry["step"])
-    if engine._source is not None:
-        engine._source.drawn = int(entry["batches_drawn"])
-    engine._history.load_state(entry["history"])
-    if recal is not None:
-        recal.refresh_mapping()

@@ -10,11 +10,12 @@ around the base step:
    ``(s - warmup_steps) % recalibrate_every == 0`` and ``s > 0``, recalibrate
    (:mod:`layerwise.engine.recalibration`) at the parameters just updated, on the batch given to
    ``step(batch)`` or the next one of ``batches``; the new multipliers apply from the next
-   step on;
-3. with ``schedule``/``factors``, advance the engine's own :class:`layerwise.policies.LayerwiseLR`.
+   step on; each recalibration is logged in :attr:`history` and passed to ``callback``.
 
-Outside ``step()``, ``group["lr"]`` is the base rate owned by the user's torch scheduler (or
-by ``schedule``/``factors``), so any ``LRScheduler`` composes unchanged; the engine is a
+Outside ``step()``, ``group["lr"]`` is the base rate owned by the user's torch scheduler,
+so any ``LRScheduler`` composes unchanged, built on the engine or on the base optimizer:
+per-group schedules and static factors are :class:`layerwise.policies.LayerwiseLR`'s, and
+the rate of a step is ``initial_lr * factor * schedule(t) * multiplier``. The engine is a
 ``torch.optim.Optimizer`` by type only, so that torch schedulers accept it.
 
 A step skipped by ``torch.amp.GradScaler`` (infinite gradients) never reaches ``step()``:
@@ -35,8 +36,8 @@ from torch import nn
 
 from layerwise.engine.batches import BatchSource
 from layerwise.engine.callbacks import as_callback
-from layerwise.engine.checkpoint import ENGINE_KEY, pack_state, unpack_state
-from layerwise.engine.history import History, check_path
+from layerwise.engine.checkpoint import ENGINE_KEY, load_state, pack_state
+from layerwise.engine.history import History
 from layerwise.engine.multipliers import (
     MULTIPLIER_KEY,
     apply_multipliers,
@@ -45,13 +46,27 @@ from layerwise.engine.multipliers import (
     restore_multipliers,
 )
 from layerwise.engine.naming import name_groups
-from layerwise.engine.recalibration import Recalibrator
+from layerwise.engine.recalibration import Recalibration, Recalibrator
 from layerwise.policies.schedule_base import check_int
 
 if TYPE_CHECKING:
     from layerwise.sensitivity import EstimateOptions
 
 __all__ = ["LayerwiseOptimizer"]
+
+#: Former keyword arguments and where their job went.
+_LAYERWISE_LR = (
+    "per-group schedules and factors are a torch scheduler now: build "
+    "layerwise.policies.LayerwiseLR(opt, schedule, factors) on the engine (or on the base "
+    "optimizer) and call its step() after each opt.step()"
+)
+_REMOVED = {
+    "schedule": _LAYERWISE_LR,
+    "factors": _LAYERWISE_LR,
+    "history": "the history file is a callback now: pass "
+    "callback=layerwise.experiments.history_file.HistoryFile(path) (opt.history keeps the "
+    "rows in memory)",
+}
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -64,7 +79,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             ``loss_fn(model, batch) -> mean loss``; required with a ``controller``.
         controller: a :class:`layerwise.policies.SensitivityController` (or a rule name such as
             ``"curvature"``, which builds one with default settings); ``None`` keeps every
-            multiplier at 1 (schedule/factors only).
+            multiplier at 1 (or at the groups' own ``lr_multiplier``).
         recalibrate_every, warmup_steps: the recalibration interval and the steps before the
             first one (see the module docstring).
         batches: an iterable of estimation batches, drawn one per recalibration when
@@ -74,12 +89,15 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             engine's defaults (4 probes, the quantities the controller's rule declares),
             checked here; the engine owns ``groups``, ``generator`` and ``seed``
             (:func:`layerwise.engine.options.estimator_options`).
-        schedule, factors: a :class:`layerwise.policies.Schedule` (or ``{group: Schedule}``) and
-            ``{group: factor}``, applied by an internal :class:`layerwise.policies.LayerwiseLR`
-            instead of a torch scheduler: base rate ``initial_lr * factor * schedule(step)``.
-        history: a ``.csv`` or ``.parquet`` path the recalibration log is appended to.
-        callback: ``callback(decision, report, step)`` or a TensorBoard ``SummaryWriter``.
+        callback: ``callback(record)`` with a :class:`layerwise.engine.Recalibration`
+            (``step``, ``rows``, ``decision``, ``report``) after each recalibration, a
+            TensorBoard ``SummaryWriter``, or a list of those
+            (:mod:`layerwise.engine.callbacks`).
         seed: seed of the probe generator (the same on every rank under DDP).
+
+    Removed: ``schedule=`` and ``factors=`` (use :class:`layerwise.policies.LayerwiseLR`),
+    ``history=`` (use ``callback=HistoryFile(path)`` from ``layerwise.experiments``); each
+    raises a ``TypeError`` saying so.
 
     >>> net = nn.Linear(2, 1)
     >>> base = torch.optim.SGD([{"params": net.parameters(), "name": "fc"}], lr=0.1)
@@ -105,12 +123,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         warmup_steps: int = 0,
         batches: Iterable[Any] | None = None,
         estimator: EstimateOptions | Mapping[str, Any] | None = None,
-        schedule: Any = None,
-        factors: Mapping[str, float] | None = None,
-        history: Any = None,
         callback: Any = None,
         seed: int = 0,
+        **removed: Any,
     ) -> None:
+        for key in removed:
+            if key in _REMOVED:
+                raise TypeError(f"LayerwiseOptimizer: {key}= was removed; {_REMOVED[key]}")
+            raise TypeError(f"LayerwiseOptimizer got an unexpected keyword argument {key!r}")
         if isinstance(optimizer, LayerwiseOptimizer):
             raise TypeError("optimizer is already a LayerwiseOptimizer; wrap the base optimizer")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -134,14 +154,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             else Recalibrator(optimizer, model, loss_fn, controller, estimator, seed)
         )
         self._source = None if batches is None else BatchSource(batches)
-        if history is not None:
-            check_path(history)
         self._callback = as_callback(callback, lrs=self.get_last_lr)
-        self._scheduler = self._make_scheduler(schedule, factors)  # checks, then sets rates
         name_groups(optimizer.param_groups)
         for group, m in zip(optimizer.param_groups, multipliers, strict=True):
             group[MULTIPLIER_KEY] = m
-        self._history = History(history, write=_is_writer_rank())
+        self._history = History()
         self._step = 0
         self._backups: dict[int, torch.Tensor] = {}
 
@@ -222,8 +239,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._step += 1
         if self._recalibrator is not None and self._due(self._step):
             self._recalibrate(batch, found_inf)
-        if self._scheduler is not None:
-            self._scheduler.step()
         return loss
 
     def _due(self, s: int) -> bool:
@@ -238,20 +253,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     "batch and no batches= iterable was given; call step(batch)"
                 )
             batch = self._source.next()
-        outcome = self._recalibrator.run(batch, self._step, found_inf)
-        self._history.record(outcome.rows)
-        if self._callback is not None and outcome.decision is not None:
-            self._callback(outcome.decision, outcome.report, self._step)
+        self._log(self._recalibrator.run(batch, self._step, found_inf))
 
-    # -- the schedule hook ---------------------------------------------------------------
-    def _make_scheduler(self, schedule: Any, factors: Mapping[str, float] | None) -> Any:
-        if schedule is None and factors is None:
-            return None
-        from layerwise.policies import LayerwiseLR, schedules
-
-        if schedule is None:
-            schedule = schedules.constant(1.0)
-        return LayerwiseLR(self.base, schedule, factors)
+    def _log(self, record: Recalibration) -> None:
+        """Add ``record``'s rows to the history, then pass it (rows as stored) to the callback."""
+        record = record._replace(rows=self._history.record(record.rows))
+        if self._callback is not None:
+            self._callback(record)
 
     # -- groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -259,11 +267,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         carries) and joins the recalibrations under its name."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {param_group!r}")
-        if self._scheduler is not None:
-            raise ValueError(
-                "add_param_group: the engine's schedule/factors were built for the groups "
-                f"{self._names}; build a new LayerwiseOptimizer after adding groups"
-            )
         multiplier = check_multiplier(
             f"param_group['{MULTIPLIER_KEY}']", param_group.get(MULTIPLIER_KEY, 1.0)
         )
@@ -319,27 +322,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """
         if self._recalibrator is None:
             return
-        outcome = self._recalibrator.observe_validation(value, self._step)
-        if outcome is not None:
-            self._history.record(outcome.rows)
-            if self._callback is not None:
-                self._callback(outcome.decision, None, self._step)
+        record = self._recalibrator.observe_validation(value, self._step)
+        if record is not None:
+            self._log(record)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (groups carry ``name`` and ``lr_multiplier``)
-        plus the engine's state under the key ``"layerwise"`` (see
-        :mod:`layerwise.engine.checkpoint`)."""
+        plus the engine's state under the key ``"layerwise"``, composed from its
+        components' state dicts (see :mod:`layerwise.engine.checkpoint`)."""
         state = self.base.state_dict()
-        state[ENGINE_KEY] = pack_state(self)
+        state[ENGINE_KEY] = pack_state(step=self._step, names=self._names, **self._parts())
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Validate and load a :meth:`state_dict`; on error nothing is changed."""
-        unpack_state(self, state_dict)
+        self._step = load_state(state_dict, base=self.base, names=self._names, **self._parts())
+        if self._recalibrator is not None:
+            self._recalibrator.refresh_mapping()
 
-
-def _is_writer_rank() -> bool:
-    """Whether this process writes the history file (rank 0, or not distributed)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    def _parts(self) -> dict[str, Any]:
+        settings = {"recalibrate_every": self.recalibrate_every, "warmup_steps": self.warmup_steps}
+        return {
+            "settings": settings,
+            "recalibrator": self._recalibrator,
+            "batches": self._source,
+            "history": self._history,
+        }

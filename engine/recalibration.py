@@ -33,7 +33,7 @@ from layerwise.engine.naming import parameter_mapping, unwrap_model
 from layerwise.engine.options import estimator_options, make_controller, samples_behind
 from layerwise.policies.schedule_base import check_int
 
-__all__ = ["Outcome", "Recalibrator"]
+__all__ = ["Recalibration", "Recalibrator"]
 
 
 class _OneBatch:
@@ -46,13 +46,20 @@ class _OneBatch:
         yield self.batch
 
 
-class Outcome(NamedTuple):
-    """What a recalibration produced: the decision and report (``None`` when skipped) and
-    the history rows."""
+class Recalibration(NamedTuple):
+    """One recalibration, as the engine's ``callback`` receives it.
 
+    ``step``: the engine's step count when it ran; ``rows``: its history rows, one per
+    group (:data:`layerwise.engine.history.HISTORY_COLUMNS`); ``decision``: the controller's
+    :class:`layerwise.policies.Decision` (``None`` when the engine skipped the
+    recalibration); ``report``: the :class:`layerwise.sensitivity.SensitivityReport` it was
+    made from (``None`` when skipped, and for a fallback ``observe_validation`` triggered).
+    """
+
+    step: int
+    rows: list[dict[str, Any]]
     decision: Any
     report: Any
-    rows: list[dict[str, Any]]
 
 
 class Recalibrator:
@@ -91,7 +98,7 @@ class Recalibrator:
         self.mapping = parameter_mapping(self.model, self.optimizer.param_groups)
 
     # -- the recalibration ------------------------------------------------------------------
-    def run(self, batch: Any, step: int, found_inf: torch.Tensor | None) -> Outcome:
+    def run(self, batch: Any, step: int, found_inf: torch.Tensor | None) -> Recalibration:
         from layerwise.engine import distributed as ddp
 
         finite, why = self._gradients_finite(found_inf)
@@ -99,10 +106,11 @@ class Recalibrator:
             finite = ddp.all_finite(finite)
             why = why or "non-finite gradients on another rank"
         if not finite:
-            return Outcome(None, None, self._skip_rows(step, f"skipped: {why}; multipliers kept"))
+            rows = self._skip_rows(step, f"skipped: {why}; multipliers kept")
+            return Recalibration(step, rows, None, None)
         report = self._estimate(batch, ddp)
         decision = self.controller.update(report, step=step)
-        return Outcome(decision, report, self.apply(decision, report, step))
+        return Recalibration(step, self.apply(decision, report, step), decision, report)
 
     def _gradients_finite(self, found_inf: torch.Tensor | None) -> tuple[bool, str]:
         if found_inf is not None and bool(found_inf.ne(0).any()):
@@ -193,7 +201,7 @@ class Recalibrator:
                 rows.append(row)
         return rows
 
-    def observe_validation(self, value: Any, step: int) -> Outcome | None:
+    def observe_validation(self, value: Any, step: int) -> Recalibration | None:
         """Pass ``value`` (averaged over ranks under DDP) to the controller; a fallback it
         returns is applied at once."""
         from layerwise.engine import distributed as ddp
@@ -217,18 +225,22 @@ class Recalibrator:
         decision = observe(value, step=step)
         if decision is None:
             return None
-        return Outcome(decision, None, self.apply(decision, None, step))
+        return Recalibration(step, self.apply(decision, None, step), decision, None)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Plain data: ``{"controller": controller.state_dict(), "generator": the probe
+        generator's state (uint8 tensor), "seed": int}``."""
         return {
             "controller": self.controller.state_dict(),
             "generator": self.generator.get_state(),
             "seed": self.seed,
         }
 
-    def load_state_dict(self, state: Any) -> None:
-        where = "state_dict['layerwise']['recalibrator']"
+    def check_state_dict(self, state: Any) -> None:
+        """``ValueError`` naming what in ``state`` does not fit this recalibrator (the
+        controller's entry is checked by the controller's own ``load_state_dict``)."""
+        where = "recalibrator state"
         if not isinstance(state, Mapping) or set(state) != {"controller", "generator", "seed"}:
             raise ValueError(
                 f"{where} must have keys controller, generator, seed; got {state!r:.200}"
@@ -244,10 +256,18 @@ class Recalibrator:
                 f"{where}['generator'] must be a uint8 tensor of shape {tuple(current.shape)} "
                 f"(torch.Generator.get_state()), got {rng!r:.80}"
             )
-        seed = check_int(f"{where}['seed']", state["seed"], minimum=0)
+        try:
+            check_int(f"{where}['seed']", state["seed"], minimum=0)
+        except TypeError as err:
+            raise ValueError(str(err)) from err
+
+    def load_state_dict(self, state: Any) -> None:
+        """Check ``state``, then load the controller (which checks its own entry first) and
+        the generator; a bad state changes nothing."""
+        self.check_state_dict(state)
         self.controller.load_state_dict(state["controller"])
-        self.generator.set_state(rng.clone())
-        self.seed = seed
+        self.generator.set_state(state["generator"].clone())
+        self.seed = int(state["seed"])
 
 
 def _lr_row(group: Mapping[str, Any], step: int, previous: float) -> dict[str, Any]:

@@ -175,9 +175,10 @@ def build_controller(spec: Mapping[str, Any]) -> Any:
 
 
 def build_policy(spec: Mapping[str, Any], groups: Any) -> dict[str, Any]:
-    """Keyword arguments for :class:`layerwise.engine.LayerwiseOptimizer` that realise ``spec`` over
-    ``groups`` (a :class:`layerwise.policies.ParamGroups`): ``factors`` (``None`` or a dict),
-    ``controller`` (``None`` or a controller) and, for controllers, ``recalibrate_every``,
+    """What realises ``spec`` over ``groups`` (a :class:`layerwise.policies.ParamGroups`):
+    ``factors`` (``None`` or a dict, for :class:`layerwise.policies.LayerwiseLR`), and the
+    keyword arguments of :class:`layerwise.engine.LayerwiseOptimizer`: ``controller``
+    (``None`` or a controller) and, for controllers, ``recalibrate_every``,
     ``warmup_steps`` and ``estimator``."""
     from layerwise import policies
 

@@ -158,10 +158,11 @@ def _execute(spec, run_dir, config_hash, cache_dir, device) -> dict[str, Any]:
         model=model,
         loss_fn=task.loss_fn,
         controller=built["controller"],
-        schedule=policies.schedules.from_spec(spec.schedule),
-        factors=built["factors"],
         seed=spec.seed,
         **extra,
+    )
+    scheduler = policies.LayerwiseLR(
+        opt, policies.schedules.from_spec(spec.schedule), built["factors"]
     )
     write_manifest(
         run_dir,
@@ -262,6 +263,7 @@ def _execute(spec, run_dir, config_hash, cache_dir, device) -> dict[str, Any]:
         loss = task.loss_fn(model, batch)
         loss.backward()
         opt.step(batch)
+        scheduler.step()
         loss_sum += loss.detach().double()
         loss_count += 1
         if step % budget.eval_every == 0 or step == budget.steps:

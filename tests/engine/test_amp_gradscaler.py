@@ -74,7 +74,7 @@ def test_estimator_sees_unscaled_gradients():
     net = mlp(dropout=0.0)
     reports = []
     opt = _engine(net, torch.optim.SGD(named_groups(net), lr=0.1), every=1,
-                  callback=lambda d, r, s: reports.append(r))  # fmt: skip
+                  callback=lambda record: reports.append(record.report))  # fmt: skip
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     batch = data(1)[0]
     _scaled_step(net, opt, scaler, batch)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from layerwise.engine import LayerwiseOptimizer
-from layerwise.policies import SensitivityController, schedules
+from layerwise.policies import LayerwiseLR, SensitivityController, schedules
 from layerwise.sensitivity import EstimateOptions
 
 from .helpers import data, loss_fn, mlp, named_groups
@@ -129,36 +129,41 @@ CASES = {
         TypeError,
         "estimator: batch_size must be callable, got 4",
     ),
-    "history_suffix": (
-        dict(history="log.txt"),
-        ValueError,
-        "history must be a path ending in .csv or .parquet, got 'log.txt'",
-    ),
-    "history_folder": (
-        dict(history="/no/such/folder/h.csv"),
-        ValueError,
-        "folder '/no/such/folder' .* does not exist",
-    ),
-    "history_type": (dict(history=3), TypeError, "history must be a path .* got 3"),
     "callback_type": (
         dict(callback="tensorboard"),
         TypeError,
         "callback must be callable .* got 'tensorboard'",
     ),
-    "factors_unknown_group": (
-        dict(factors={"fc0": 1, "fc1": 1, "fc2": 1, "head": 2}),
-        ValueError,
-        r"unknown group\(s\) \['head'\]",
-    ),
-    "factors_missing_group": (
-        dict(factors={"fc0": 1}),
-        ValueError,
-        r"no factor for group\(s\) \['fc1', 'fc2'\]",
-    ),
-    "schedule_lambda": (
-        dict(schedule=lambda t: 1.0),
+    "callback_in_list": (
+        dict(callback=[lambda record: None, 3]),
         TypeError,
-        "schedule must be a policies.schedules.Schedule",
+        r"callback\[1\] must be callable .* got 3",
+    ),
+    "callback_three_arguments": (
+        dict(callback=lambda decision, report, step: None),
+        TypeError,
+        r"callback must be callable with one argument, callback\(record\).*"
+        r"signature \(decision, report, step\)",
+    ),
+    "schedule_removed": (
+        dict(schedule=schedules.constant(1.0)),
+        TypeError,
+        r"schedule= was removed; .*layerwise.policies.LayerwiseLR\(opt, schedule, factors\)",
+    ),
+    "factors_removed": (
+        dict(factors={"fc0": 1, "fc1": 1, "fc2": 1}),
+        TypeError,
+        r"factors= was removed; .*layerwise.policies.LayerwiseLR",
+    ),
+    "history_removed": (
+        dict(history="h.csv"),
+        TypeError,
+        r"history= was removed; .*callback=layerwise.experiments.history_file.HistoryFile\(path\)",
+    ),
+    "unknown_keyword": (
+        dict(recalibrate_evry=3),
+        TypeError,
+        "unexpected keyword argument 'recalibrate_evry'",
     ),
     "batches_iterator": (dict(batches=iter(data(2))), TypeError, "batches must be re-iterable"),
     "batches_not_iterable": (
@@ -260,15 +265,16 @@ def test_add_param_group_with_duplicate_name_is_refused_and_undone():
     assert opt.group_names == ["fc0", "fc1", "fc2"] and len(opt.param_groups) == 3
 
 
-def test_add_param_group_with_schedule_is_refused():
-    opt = _make(schedule=schedules.constant(1.0))
-    with pytest.raises(
-        ValueError, match="add_param_group: the engine's schedule/factors were built"
-    ):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+def test_layerwise_lr_on_the_engine_refuses_groups_added_after_it():
+    opt = _make(controller=None)
+    sched = LayerwiseLR(opt, schedules.constant(1.0))
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    opt.step()
+    with pytest.raises(ValueError, match="build a new LayerwiseLR after add_param_group"):
+        sched.step()
 
 
-@pytest.mark.parametrize("name", ["history_suffix", "controller_int", "factors_unknown_group"])
+@pytest.mark.parametrize("name", ["callback_type", "controller_int", "batches_iterator"])
 def test_failed_construction_leaves_the_optimizer_untouched(name):
     kwargs, error, _ = CASES[name]
     net = mlp()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from layerwise.engine import LayerwiseOptimizer
-from layerwise.policies import SensitivityController, schedules
+from layerwise.policies import LayerwiseLR, SensitivityController, schedules
 
 from .helpers import assert_identical, data, loss_fn, mlp, named_groups, params_of
 
@@ -25,14 +25,15 @@ def _build(init_seed: int, kind: str, alpha: float = 1.0):
     net = mlp(init_seed)
     base = torch.optim.Adam(named_groups(net), lr=0.01)
     controller = SensitivityController("curvature", alpha=alpha, max_rel_stderr=math.inf)
-    extra = {}
-    if kind == "engine_schedule":
-        extra = {"schedule": schedules.cosine(2 * N), "factors": {"fc0": 0.5, "fc1": 1, "fc2": 2}}
     opt = LayerwiseOptimizer(
         base, model=net, loss_fn=loss_fn, controller=controller, recalibrate_every=EVERY,
-        batches=PROBE_BATCHES, estimator={"probes": 3}, seed=4, **extra,
+        batches=PROBE_BATCHES, estimator={"probes": 3}, seed=4,
     )  # fmt: skip
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2 * N) if kind == "torch" else None
+    if kind == "torch":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2 * N)
+    else:  # per-group schedule and factors: LayerwiseLR on the engine
+        factors = {"fc0": 0.5, "fc1": 1, "fc2": 2}
+        sched = LayerwiseLR(opt, schedules.cosine(2 * N), factors)
     return net, opt, sched
 
 
@@ -41,8 +42,7 @@ def _train(net, opt, sched, batches):
         opt.zero_grad()
         loss_fn(net, batch).backward()
         opt.step()  # no batch: the engine draws from batches=
-        if sched is not None:
-            sched.step()
+        sched.step()
 
 
 def _roundtrip(checkpoint: dict) -> dict:
@@ -52,7 +52,7 @@ def _roundtrip(checkpoint: dict) -> dict:
     return torch.load(buffer, weights_only=True)  # plain data only
 
 
-@pytest.mark.parametrize("kind", ["torch", "engine_schedule"])
+@pytest.mark.parametrize("kind", ["torch", "layerwise_lr"])
 def test_resume_continues_bit_for_bit(kind):
     train = data(2 * N)
     net, opt, sched = _build(0, kind)
@@ -67,7 +67,7 @@ def test_resume_continues_bit_for_bit(kind):
         {
             "model": net.state_dict(),
             "optimizer": opt.state_dict(),
-            "scheduler": None if sched is None else sched.state_dict(),
+            "scheduler": sched.state_dict(),
             "rng": torch.get_rng_state(),
         }
     )
@@ -75,8 +75,7 @@ def test_resume_continues_bit_for_bit(kind):
     net, opt, sched = _build(123, kind)  # fresh objects, other initial weights
     net.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["optimizer"])
-    if sched is not None:
-        sched.load_state_dict(checkpoint["scheduler"])
+    sched.load_state_dict(checkpoint["scheduler"])
     torch.set_rng_state(checkpoint["rng"])
     _train(net, opt, sched, train[N:])
 
@@ -110,6 +109,8 @@ def _unchanged_by(opt, bad_state, match):
         before["layerwise"]["recalibrator"]["generator"],
     )
     assert after["param_groups"] == before["param_groups"]
+    assert after["layerwise"]["history"] == before["layerwise"]["history"]
+    assert after["layerwise"]["batches"] == before["layerwise"]["batches"]
 
 
 def test_plain_optimizer_state_is_refused():
@@ -174,6 +175,12 @@ def test_missing_engine_keys_are_named():
     [
         (("layerwise", "group_names"), 5, r"\['group_names'\] must be a list"),
         (("param_groups", 0), 5, r"\['param_groups'\]\[0\] must be a mapping"),
+        (("layerwise", "step"), "5", r"\['step'\] must be an integer, got '5'"),
+        (("layerwise", "version"), 1, "has version 1, this engine reads version 2"),
+        (("layerwise", "history"), {"rows": [{"colour": 1}]}, r"unknown columns \['colour'\]"),
+        (("layerwise", "batches"), {"drawn": -1}, r"\['drawn'\] must be an integer >= 0, got -1"),
+        (("layerwise", "batches"), {"drawn": 1.5}, r"\['drawn'\] must be an integer, got 1.5"),
+        (("layerwise", "recalibrator"), None, "has no recalibrator state but this engine has"),
     ],
 )
 def test_malformed_group_entries_are_named_and_change_nothing(path, value, match):
@@ -181,3 +188,34 @@ def test_malformed_group_entries_are_named_and_change_nothing(path, value, match
     state = copy.deepcopy(opt.state_dict())
     state[path[0]][path[1]] = value
     _unchanged_by(opt, state, match)
+
+
+def test_component_entries_are_checked_before_anything_is_loaded():
+    """A bad history entry (checked last of the components) leaves a fresh engine's
+    controller, generator, base optimizer and step as they were."""
+    _, opt = _trained()
+    state = copy.deepcopy(opt.state_dict())
+    state["layerwise"]["history"] = {"rows": 3}
+    _, fresh, _ = _build(0, "torch")
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"history state\['rows'\] must be a list"):
+        fresh.load_state_dict(state)
+    after = fresh.state_dict()
+    assert (
+        after["layerwise"]["recalibrator"]["controller"]
+        == before["layerwise"]["recalibrator"]["controller"]
+    )
+    assert torch.equal(
+        after["layerwise"]["recalibrator"]["generator"],
+        before["layerwise"]["recalibrator"]["generator"],
+    )
+    assert after["state"] == before["state"] == {} and fresh.steps == 0
+
+
+def test_batch_count_round_trips():
+    """The batches= source's draw count is saved and loaded (its replay: the resume test)."""
+    _, opt = _trained()
+    assert opt.state_dict()["layerwise"]["batches"] == {"drawn": N // EVERY}
+    _, fresh, _ = _build(0, "torch")
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert fresh.state_dict()["layerwise"]["batches"] == {"drawn": N // EVERY}

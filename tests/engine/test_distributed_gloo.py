@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from layerwise.engine import LayerwiseOptimizer
+from layerwise.experiments.history_file import HistoryFile
 from layerwise.policies import SensitivityController
 
 from .helpers import loss_fn, mlp, named_groups
@@ -26,12 +27,12 @@ ESTIMATOR = {"probes": 4, "quantities": "all", "variance": "per_example", "hvp_m
 TWO_BATCH = {"probes": 2, "quantities": ["grad_norm", "grad_variance"], "variance": "two_batch"}
 
 
-def _engine(model, net, history=None, callback=None, estimator=ESTIMATOR):
+def _engine(model, net, callback=None, estimator=ESTIMATOR):
     base = torch.optim.SGD(named_groups(net), lr=0.1, momentum=0.9)
     controller = SensitivityController("curvature+noise", alpha=1.0, max_rel_stderr=math.inf)
     return LayerwiseOptimizer(
         base, model=model, loss_fn=loss_fn, controller=controller, recalibrate_every=EVERY,
-        estimator=estimator, seed=3, history=history, callback=callback,
+        estimator=estimator, seed=3, callback=callback,
     )  # fmt: skip
 
 
@@ -64,14 +65,13 @@ def _worker(rank: int, port: int, folder: str) -> None:
         net = mlp(dropout=0.0, dtype=torch.float64)
         model = DistributedDataParallel(net)
         reports = []
-        opt = _engine(
-            model, net, f"{folder}/history.csv", lambda d, r, s: reports.append(r.to_dict())
-        )
+        history = HistoryFile(f"{folder}/history.csv")
+        opt = _engine(model, net, [history, lambda rec: reports.append(rec.report.to_dict())])
         _train(model, net, opt, rank)
         params = [p.detach().clone() for p in net.parameters()]
         # two-batch noise: each rank's local gradient is a small batch, the all-reduced one big
         two_batch = []
-        other = _engine(model, net, callback=lambda d, r, s: two_batch.append(r.to_dict()),
+        other = _engine(model, net, callback=lambda rec: two_batch.append(rec.report.to_dict()),
                         estimator=TWO_BATCH)  # fmt: skip
         _train(model, net, other, rank)
         torch.save(
@@ -116,14 +116,14 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path):
         assert all(g["grad_variance"] is not None and g["grad_variance_stderr"] is None
                    for g in report["groups"])  # fmt: skip
 
-    # only rank 0 wrote the shared history file
+    # only rank 0 wrote the shared history file (HistoryFile, a callback)
     written = pd.read_csv(tmp_path / "history.csv")
     assert len(written) == len(r0["history"]) == 3 * (STEPS // EVERY)
 
     # one process on the concatenated batches
     net = mlp(dropout=0.0, dtype=torch.float64)
     reports = []
-    opt = _engine(net, net, callback=lambda d, r, s: reports.append(r))
+    opt = _engine(net, net, callback=lambda rec: reports.append(rec.report))
     _train(net, net, opt)
     assert len(reports) == len(r0["reports"])
     for ours, theirs in zip(reports, r0["reports"], strict=True):

@@ -23,7 +23,7 @@ def _reports(controller, estimator, steps: int = 2) -> list:
     opt = LayerwiseOptimizer(
         torch.optim.SGD(named_groups(net), lr=0.1), model=net, loss_fn=loss_fn,
         controller=controller, recalibrate_every=1, estimator=estimator,
-        callback=lambda decision, report, step: seen.append(report),
+        callback=lambda record: record.report is not None and seen.append(record.report),
     )  # fmt: skip
     for batch in data(steps):
         opt.zero_grad()

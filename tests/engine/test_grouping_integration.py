@@ -1,5 +1,6 @@
 """Groups from ``layerwise.policies.group_parameters`` drive the engine end to end: the sensitivity
-mapping it builds is the grouping's own, and schedule x factors x multiplier compose."""
+mapping it builds is the grouping's own, and schedule x factors (``LayerwiseLR`` on the
+engine) x multiplier compose."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import pytest
 import torch
 
 from layerwise.engine import LayerwiseOptimizer
-from layerwise.policies import SensitivityController, group_parameters, layer_decay, schedules
+from layerwise.policies import (
+    LayerwiseLR,
+    SensitivityController,
+    group_parameters,
+    layer_decay,
+    schedules,
+)
 
 from .helpers import data, loss_fn, mlp
 
@@ -23,13 +30,15 @@ def test_engine_uses_grouping_names_and_composes_schedule_factors_multipliers():
     controller = SensitivityController("trust_ratio", alpha=1.0, max_rel_stderr=math.inf)
     opt = LayerwiseOptimizer(
         base, model=net, loss_fn=loss_fn, controller=controller, recalibrate_every=2,
-        schedule=schedule, factors=factors, estimator={"quantities": ["grad_norm"]},
+        estimator={"quantities": ["grad_norm"]},
     )  # fmt: skip
+    sched = LayerwiseLR(opt, schedule, factors)
     assert opt._recalibrator.mapping == groups.mapping()
     for batch in data(4):
         opt.zero_grad()
         loss_fn(net, batch).backward()
         opt.step(batch)
+        sched.step()
     for g in base.param_groups:
         name = g["name"]
         assert g["lr"] == pytest.approx(0.01 * factors[name] * schedule(4))

@@ -1,9 +1,9 @@
-"""Every recalibration is logged (DataFrame, incremental CSV, callbacks, TensorBoard-style
-writers); validation reaches the controller; new groups start at multiplier 1."""
+"""Every recalibration is logged (DataFrame, callbacks with its rows, TensorBoard-style
+writers, skipped ones too); validation reaches the controller; new groups start at
+multiplier 1; the history's state round-trips and a bad one is refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pandas as pd
@@ -11,7 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from layerwise.engine import HISTORY_COLUMNS, LayerwiseOptimizer, ScalarLogger
+from layerwise.engine import (
+    HISTORY_COLUMNS,
+    History,
+    LayerwiseOptimizer,
+    ScalarLogger,
+    history_frame,
+)
 from layerwise.policies import SensitivityController
 
 from .helpers import data, loss_fn, mlp, named_groups
@@ -53,50 +59,6 @@ def test_history_frame_has_one_row_per_group_and_recalibration():
     assert opt.get_last_lr() == {name: 0.1 * m for name, m in opt.multipliers.items()}
 
 
-def test_csv_is_written_incrementally_and_continued(tmp_path):
-    path = tmp_path / "history.csv"
-    net = mlp(dropout=0.0)
-    opt = _engine(net, history=path)
-    _steps(net, opt, 1)
-    assert len(pd.read_csv(path)) == 3
-    _steps(net, opt, 1)
-    written = pd.read_csv(path)
-    pd.testing.assert_frame_equal(
-        written[["step", "group", "multiplier", "grad_norm"]],
-        opt.history[["step", "group", "multiplier", "grad_norm"]],
-        check_dtype=False,
-    )
-    with open(path, "a") as f:  # a killed writer left half a line
-        f.write("3,fc0,0.5")
-    again = _engine(net, history=path)  # a resumed run continues the same file
-    assert path.read_text().endswith("\n") and len(pd.read_csv(path)) == 6  # partial line cut
-    _steps(net, again, 1)
-    assert len(pd.read_csv(path)) == 9
-
-
-def test_csv_with_other_columns_is_refused(tmp_path):
-    path = tmp_path / "mine.csv"
-    path.write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="exists with other columns"):
-        _engine(mlp(), history=path)
-    assert path.read_text() == "a,b\n1,2\n"
-
-
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None, reason="pyarrow installed")
-def test_parquet_without_pyarrow_says_so(tmp_path):
-    with pytest.raises(ValueError, match="needs pyarrow, which is not installed"):
-        _engine(mlp(), history=tmp_path / "h.parquet")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="needs pyarrow")
-def test_parquet_is_rewritten_atomically(tmp_path):
-    path = tmp_path / "h.parquet"
-    net = mlp(dropout=0.0)
-    opt = _engine(net, history=path)
-    _steps(net, opt, 2)
-    assert len(pd.read_parquet(path)) == 6 and not list(tmp_path.glob(".*.tmp"))
-
-
 class _Writer:
     """Anything with add_scalar, as TensorBoard's SummaryWriter."""
 
@@ -110,16 +72,17 @@ class _Writer:
 def test_callback_and_scalar_writer_see_every_recalibration():
     net = mlp(dropout=0.0)
     seen = []
-    opt = _engine(
-        net, callback=lambda decision, report, step: seen.append((decision, report, step))
-    )
+    opt = _engine(net, callback=seen.append)
     _steps(net, opt, 2)
-    assert [s for _, _, s in seen] == [1, 2]
-    assert seen[-1][0].multipliers == opt.multipliers and seen[-1][1].names == ["fc0", "fc1", "fc2"]
+    assert [r.step for r in seen] == [1, 2]
+    assert seen[-1].decision.multipliers == opt.multipliers
+    assert seen[-1].report.names == ["fc0", "fc1", "fc2"]
+    pd.testing.assert_frame_equal(history_frame([row for r in seen for row in r.rows]), opt.history)
 
-    writer = _Writer()
-    opt = _engine(net, callback=writer)
+    writer, also = _Writer(), []
+    opt = _engine(net, callback=[writer, also.append])  # several, called in order
     _steps(net, opt, 1)
+    assert [r.step for r in also] == [1]
     tags = {tag for tag, _, _ in writer.scalars}
     for group in ("fc0", "fc1", "fc2"):
         assert {f"layerwise/multiplier/{group}", f"layerwise/lr/{group}"} <= tags
@@ -132,7 +95,7 @@ def test_callback_and_scalar_writer_see_every_recalibration():
 def test_validation_fallback_reaches_controller_and_is_applied_at_once():
     net = mlp(dropout=0.0)
     seen = []
-    opt = _engine(net, callback=lambda d, r, s: seen.append((d, r)))
+    opt = _engine(net, callback=seen.append)
     opt.observe_validation(1.0)  # before adaptation: the reference value
     _steps(net, opt, 1)
     assert any(m != 1.0 for m in opt.multipliers.values())
@@ -142,7 +105,10 @@ def test_validation_fallback_reaches_controller_and_is_applied_at_once():
     assert (
         last["fallback"].all() and last["reason"].str.contains("validation metric not finite").all()
     )
-    assert seen[-1][0].fallback and seen[-1][1] is None
+    assert seen[-1].decision.fallback and seen[-1].report is None
+    pd.testing.assert_frame_equal(
+        history_frame(seen[-1].rows), opt.history.iloc[-3:].reset_index(drop=True)
+    )
 
 
 def test_new_group_starts_at_multiplier_one_and_joins_recalibration():
@@ -167,3 +133,41 @@ def test_new_group_starts_at_multiplier_one_and_joins_recalibration():
     loss(model, batch).backward()
     opt.step(batch)
     assert "group3" in set(opt.history["group"]) and opt.multipliers["group3"] != 1.0
+
+
+def test_skipped_recalibration_reaches_the_callback_without_a_decision():
+    net = mlp(dropout=0.0)
+    seen, writer = [], _Writer()
+    opt = _engine(net, callback=[seen.append, writer])
+    batch = data(1)[0]
+    opt.zero_grad()
+    loss_fn(net, batch).backward()
+    next(net.parameters()).grad[0, 0] = math.inf
+    opt.step(batch)
+    (record,) = seen
+    assert record.decision is None and record.report is None and record.step == 1
+    assert [row["skipped"] for row in record.rows] == [True, True, True]
+    assert record.rows[0]["reason"].startswith("skipped: non-finite gradients")
+    assert writer.scalars == []  # nothing was decided, so nothing is logged as a scalar
+
+
+def test_history_state_round_trips_and_a_bad_one_is_refused():
+    net = mlp(dropout=0.0)
+    opt = _engine(net)
+    _steps(net, opt, 2)
+    state = opt.state_dict()["layerwise"]["history"]
+    again = History()
+    again.load_state_dict(state)
+    pd.testing.assert_frame_equal(again.frame, opt.history)
+    for bad, match in [
+        ([], "must be a mapping with the one key 'rows'"),
+        ({"rows": 3}, r"\['rows'\] must be a list of row dicts, got 3"),
+        (
+            {"rows": [{"step": 1, "colour": "red"}]},
+            r"\['rows'\]\[0\] has unknown columns \['colour'\]",
+        ),
+        ({"rows": [{"step": 1}, 5]}, r"\['rows'\]\[1\] must be a mapping, got 5"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            again.load_state_dict(bad)
+        pd.testing.assert_frame_equal(again.frame, opt.history)  # unchanged
