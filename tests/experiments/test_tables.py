@@ -3,12 +3,10 @@ rows and footer either way; rows of the wrong width are refused."""
 
 from __future__ import annotations
 
-import doctest
 import io
 
 import pytest
 
-from layerwise.experiments import tables
 from layerwise.experiments.tables import plain_table, print_table
 
 COLUMNS = [("group", False), ("params", True)]
@@ -44,8 +42,3 @@ def test_rich_on_a_terminal_keeps_cells_verbatim():
 def test_rows_of_the_wrong_width_are_refused():
     with pytest.raises(ValueError, match="rows must have 2 cells each"):
         plain_table("t", COLUMNS, [["only one"]])
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(tables)
-    assert result.attempted > 0 and result.failed == 0
