@@ -23,6 +23,8 @@ def plain_table(title: str, columns: Columns, rows: Sequence[Sequence[str]]) -> 
     >>> plain_table("t", [("name", False), ("n", True)], [["a", "10"], ["bb", "2"]])
     ['t', 'name   n', 'a     10', 'bb     2']
     """
+    if not isinstance(title, str) or not columns:
+        raise TypeError(f"title must be a str and columns non-empty, got {title!r}, {columns!r}")
     headers = [header for header, _ in columns]
     for row in rows:
         if len(row) != len(columns):

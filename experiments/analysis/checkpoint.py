@@ -93,6 +93,8 @@ def load_weights(model: nn.Module, path: str) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into ``model`` strictly, unwrapping a ``module.`` prefix
     (above); returns its manifest entry. On a mismatch name the missing keys (in the model
     only), the unexpected keys (in the checkpoint only) and the shape mismatches, on one line."""
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str, got {type(path).__name__}")
     state, entry = _read(path)
     own = model.state_dict()
     if not any(k.startswith("module.") for k in own):

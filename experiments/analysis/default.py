@@ -25,15 +25,11 @@ Progress = Callable[[int, int], None] | None
 
 
 def _train(
-    model: torch.nn.Module,
-    task: Any,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    order: torch.Generator,
-    progress: Progress,
+    model: torch.nn.Module, task: Any, train: tuple, order: torch.Generator, progress: Progress
 ) -> None:
-    """:data:`TRAIN_STEPS` Adam steps on batches of ``(x, y)``, drawn without replacement from
-    a permutation redrawn from ``order`` every epoch."""
+    """:data:`TRAIN_STEPS` Adam steps on batches of ``train = (x, y)``, drawn without
+    replacement from a permutation redrawn from ``order`` every epoch."""
+    x, y = train
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     size = task.budget.batch_size
     per_epoch = len(x) // size
@@ -67,7 +63,7 @@ def bundled_default(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: extra threads only cost (badly, on a busy CPU)
     try:
-        _train(model, task, x, y, order, progress)
+        _train(model, task, (x, y), order, progress)
     finally:
         torch.set_num_threads(threads)
     val_loss, val_accuracy = task.evaluate(

@@ -50,6 +50,8 @@ class Inputs:
 def parse_device(text: str) -> torch.device:
     """``auto`` (CUDA when available, else the CPU) or a device torch knows that this
     machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...)."""
+    if not isinstance(text, str):
+        raise TypeError(f"--device must be a str, got {type(text).__name__}")
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -121,6 +121,8 @@ def _patterns(items: list[str] | None) -> dict[str, list[str]] | None:
 def read_groups_file(path: str) -> dict[str, Any]:
     """``patterns``, and ``syntax``/``catch_all`` when set, from a TOML file (module
     docstring); :func:`layerwise.policies.group_parameters` checks the values."""
+    if not isinstance(path, str):
+        raise TypeError(f"--groups-file must be a path str, got {type(path).__name__}")
     where = f"--groups-file {path!r}"
     try:
         with open(path, "rb") as fh:
@@ -167,6 +169,8 @@ def build_groups(model: Any, how: dict[str, Any]) -> Any:
     :func:`grouping_from_args`) says; a bad grouping is one line naming the file, if any."""
     from layerwise.policies import group_parameters
 
+    if not isinstance(how, dict) or "strategy" not in how:
+        raise TypeError(f"how must be a dict from grouping_from_args, got {how!r}")
     options = {k: v for k, v in how.items() if k not in ("strategy", "file")}
     try:
         return group_parameters(model, how["strategy"], **options)
