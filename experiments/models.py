@@ -1,4 +1,5 @@
-"""Small bundled models the command line can show by name (``layerwise groups --model cnn``).
+"""Small bundled models the command line can use by name (``layerwise groups --model cnn``),
+and :func:`resolve_model` / :func:`call_factory`, which build what a command names by import path.
 
 Each factory takes keyword arguments with defaults and returns a fresh ``nn.Module``;
 ``layerwise.experiments.models:mlp`` and friends are also valid ``package.module:factory`` paths.
@@ -13,15 +14,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layerwise.experiments.errors import CLIError, UsageError
+from layerwise.experiments.errors import CLIError, UsageError, first_line
 from layerwise.experiments.importing import import_object
 
-__all__ = ["DEFAULT_MODEL", "MODELS", "cnn", "mlp", "resolve_model", "transformer"]
+__all__ = ["DEFAULT_MODEL", "MODELS", "call_factory", "cnn", "mlp", "resolve_model", "transformer"]
 
 
 def mlp(in_features: int = 64, hidden: int = 64, depth: int = 2, classes: int = 10) -> nn.Module:
@@ -124,11 +126,40 @@ MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "cnn": cnn, "transform
 DEFAULT_MODEL = "cnn"
 
 
-def resolve_model(spec: str) -> nn.Module:
-    """Build the model named ``spec``: a bundled name or ``package.module:factory``.
+def call_factory(spec: str, *, what: str, accept: type | None = None) -> Any:
+    """Import ``package.module:name`` and call it with no arguments; an ``accept`` instance
+    found at the path is returned as it is.
 
-    A factory is called with no arguments; an ``nn.Module`` instance at the path is used
-    as it is. Anything else is a :class:`~layerwise.experiments.errors.UsageError` naming ``spec``.
+    Bad paths and objects are :class:`~layerwise.experiments.errors.UsageError` (exit 2), the
+    factory's own failure a :class:`~layerwise.experiments.errors.CLIError` (exit 1), each one
+    line naming ``what`` (the option, e.g. ``"--data"``) and ``spec``.
+
+    >>> call_factory("collections:OrderedDict", what="--data")
+    OrderedDict()
+    """
+    if not isinstance(what, str) or not what:
+        raise ValueError(f"what must be a non-empty str, got {what!r}")
+    obj = import_object(spec, what=what)
+    if accept is not None and isinstance(obj, accept):
+        return obj
+    if not callable(obj):
+        also = f" or a {accept.__name__}" if accept is not None else ""
+        raise UsageError(f"{what} {spec!r} is a {type(obj).__name__}, not a factory{also}")
+    try:
+        inspect.signature(obj).bind()
+    except TypeError as exc:
+        raise UsageError(f"{what} {spec!r} cannot be called without arguments ({exc})") from exc
+    except ValueError:  # no signature to inspect (some builtins): just call it
+        pass
+    try:
+        return obj()
+    except Exception as exc:  # the user's code failed: one line, chain kept for --debug
+        raise CLIError(f"{what} {spec!r} raised {first_line(exc)}") from exc
+
+
+def resolve_model(spec: str, *, what: str = "model") -> nn.Module:
+    """Build the model named ``spec``: a bundled name or ``package.module:name`` (a factory
+    called with no arguments, or an ``nn.Module`` used as it is); errors name ``what``.
 
     >>> type(resolve_model("cnn")).__name__
     'SmallResNet'
@@ -136,32 +167,17 @@ def resolve_model(spec: str) -> nn.Module:
     'Sequential'
     """
     if not isinstance(spec, str) or not spec:
-        raise UsageError(f"model must be a bundled name or 'package.module:factory', got {spec!r}")
+        raise UsageError(f"{what} must be a bundled name or 'package.module:name', got {spec!r}")
     if spec in MODELS:
         return MODELS[spec]()
     if ":" not in spec:
         raise UsageError(
-            f"unknown model {spec!r}: bundled models are {', '.join(MODELS)}; "
-            "or give 'package.module:factory'"
+            f"unknown {what} {spec!r}: bundled models are {', '.join(MODELS)}; "
+            "or give 'package.module:name' of a factory"
         )
-    obj = import_object(spec, what="model")
-    if isinstance(obj, nn.Module):
-        return obj
-    if not callable(obj):
-        raise UsageError(f"model {spec!r} is a {type(obj).__name__}, not a factory or a Module")
-    try:
-        inspect.signature(obj).bind()
-    except TypeError as exc:
-        raise UsageError(
-            f"model factory {spec!r} cannot be called without arguments ({exc})"
-        ) from exc
-    except ValueError:  # no signature to inspect (some builtins): just call it
-        pass
-    try:
-        model = obj()
-    except Exception as exc:  # the user's code failed: one line, chain kept for --debug
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CLIError(f"model {spec!r} raised {type(exc).__name__}: {first}") from exc
+    model = call_factory(spec, what=what, accept=nn.Module)
     if not isinstance(model, nn.Module):
-        raise UsageError(f"model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise UsageError(
+            f"{what} {spec!r} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
     return model

@@ -9,7 +9,9 @@
   (log10 of the Hutchinson curvature ``tr(H_gg)/n_g`` by default), mean over seeds, one
   panel per policy, on one colour scale;
 * :func:`plot_summary`: the difference of mean test metric to ``uniform`` with its
-  bootstrap interval, per task and policy (a forest plot), significant ones filled.
+  bootstrap interval, per task and policy (a forest plot), significant ones filled;
+* :func:`plot_groups`: one value per parameter group, one panel per quantity (the figures of
+  ``layerwise analyze``).
 
 Every function writes ``path`` atomically and returns it.
 """
@@ -30,7 +32,7 @@ import pandas as pd
 from layerwise.experiments.atomic import atomic_write
 from layerwise.experiments.statistics import t_band
 
-__all__ = ["plot_curves", "plot_heatmap", "plot_rates", "plot_summary"]
+__all__ = ["plot_curves", "plot_groups", "plot_heatmap", "plot_rates", "plot_summary"]
 
 
 def _save(fig, path: Path) -> Path:
@@ -204,4 +206,54 @@ def plot_summary(table: pd.DataFrame, path: Path) -> Path | None:
     ax.set_xlabel("test metric minus uniform (percentage points), 95% bootstrap CI")
     ax.grid(alpha=0.3, axis="x")
     ax.set_title("Which policy helped? (filled: significant after Holm)", fontsize=10)
+    return _save(fig, path)
+
+
+def _floats(values: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _group_panel(ax, panel: dict) -> None:
+    """Draw one panel of :func:`plot_groups` on ``ax``."""
+    values = _floats(panel["values"])
+    ok = np.isfinite(values)
+    errors = panel.get("errors")
+    if errors is not None:
+        errors = _floats(errors)
+        errors = np.where(ok & np.isfinite(errors), errors, 0.0)
+    x = np.arange(len(values))
+    if panel.get("log") and ok.all() and (values > 0).all():
+        ax.errorbar(x, values, yerr=errors, fmt="o", capsize=4, markersize=7)
+        ax.set_yscale("log")
+    else:
+        ax.bar(x, np.where(ok, values, 0.0), yerr=errors, capsize=4, alpha=0.85)
+        ax.axhline(0.0, color="black", lw=0.6)
+    for i in np.flatnonzero(~ok):
+        text = "n/a" if panel["values"][i] is None else str(panel["values"][i])
+        ax.annotate(text, (i, 0), ha="center", color="tab:red", fontsize=8)
+    for j, (label, y) in enumerate(panel.get("lines", {}).items()):
+        ax.axhline(y, color=f"C{j + 1}", linestyle="--", lw=1, label=label)
+    if panel.get("lines"):
+        ax.legend(fontsize=7)
+    ax.set_ylabel(panel["label"])
+    ax.grid(axis="y", alpha=0.3, which="both")
+
+
+def plot_groups(path: Path, names: list[str], panels: list[dict], *, title: str) -> Path:
+    """One value per parameter group, a panel per quantity: a bar on a linear axis, or a
+    point on a log axis (where bar lengths mean nothing), with its error bar.
+
+    A panel is ``{"values": [...], "label": str}`` with optional ``"errors"`` (standard
+    errors, same units as the values), ``"log"`` (used when every value is finite and
+    positive) and ``"lines"`` (``{label: y}``, dashed reference lines). A missing or
+    non-finite value is marked at the baseline, never dropped silently.
+    """
+    if not panels or any(len(p["values"]) != len(names) for p in panels):
+        raise ValueError(f"panels must each hold one value per name ({len(names)}), got {panels}")
+    width = min(4.0 + 0.55 * len(names), 16.0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        _group_panel(ax, panel)
+        ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 4 else 0, fontsize=8)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -1,13 +1,18 @@
-"""Offline sensitivity analysis behind ``layerwise analyze``, one concept per module.
+"""Offline sensitivity analysis behind ``layerwise analyze``: ``inputs`` (the user's model,
+checkpoint (``checkpoint``), data, loss and device), ``default`` (the bundled default),
+``results`` (the policy's multipliers, the output files, the printed table)."""
 
-``devices``     ``--device`` and ``--dtype`` into torch objects that exist on this machine;
-``loading``     the user's model, data and loss factories, checked before any estimate;
-``checkpoint``  safe checkpoint loading (``weights_only=True``), key matching, finite weights;
-``default``     the bundled default: the digits MLP of :mod:`layerwise.experiments.tasks`, briefly
-trained;
-``groups``      ``--groups`` strategies and ``--groups-file`` pattern tables;
-``suggest``     the multipliers a policy's controller would assign, with its bounds;
-``outputs``     the output-folder policy and the CSV/JSON writers (atomic, strict JSON);
-``plots``       the PNG figures; ``table`` the summary table (rich on a terminal, else plain);
-``pipeline``    the steps in order, which :mod:`layerwise.experiments.commands.analyze` chains.
-"""
+from layerwise.experiments.analysis.default import bundled_default
+from layerwise.experiments.analysis.inputs import Inputs, parse_device, user_inputs
+from layerwise.experiments.analysis.results import OUTPUT_FILES, Analysis, check_out_dir, suggest
+
+__all__ = [
+    "OUTPUT_FILES",
+    "Analysis",
+    "Inputs",
+    "bundled_default",
+    "check_out_dir",
+    "parse_device",
+    "suggest",
+    "user_inputs",
+]

@@ -1,191 +1,127 @@
-"""Load a checkpoint safely and check that it fits the model and holds finite weights.
+"""``--checkpoint``: load a state dict safely, check that it fits the model, and that the
+weights are finite.
 
-A checkpoint is a state dict (``{name: tensor}``), or a dict holding one under one of
-:data:`STATE_DICT_KEYS` (what training scripts commonly save). It is read with
-``torch.load(..., weights_only=True)``, so a file that would run code on unpickling is refused.
-A state dict saved from a ``DistributedDataParallel``/``DataParallel`` wrapper (every key
-prefixed ``module.``) is unwrapped when the model's own keys carry no such prefix.
+A checkpoint is a state dict (``{name: tensor}``) or a dict holding one under one of
+:data:`STATE_DICT_KEYS`. It is read with ``torch.load(..., weights_only=True)``, so a file that
+would run code when unpickled is refused. A state dict saved from a ``DataParallel`` or
+``DistributedDataParallel`` wrapper (every key prefixed ``module.``) is unwrapped when the
+model's own keys carry no such prefix. Every problem is one
+:class:`~layerwise.experiments.errors.UsageError` line naming ``--checkpoint`` and the path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from layerwise.experiments.errors import UsageError
+from layerwise.experiments.errors import UsageError, first_line
 
-__all__ = [
-    "STATE_DICT_KEYS",
-    "LoadedCheckpoint",
-    "apply_checkpoint",
-    "check_finite_weights",
-    "load_checkpoint",
-    "sha256_file",
-]
+__all__ = ["STATE_DICT_KEYS", "check_finite_weights", "load_weights"]
 
 #: Keys under which a checkpoint dict may hold the model's state dict, tried in this order.
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module", "net", "network")
 
-_SHOWN = 6  # names listed in a message before "(+N more)"
+
+def _listed(items: list[str], sep: str = ", ", shown: int = 6) -> str:
+    more = f" (+{len(items) - shown} more)" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
 
 
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """A state dict read from ``path``; ``key`` is where it sat in the file (None: top level)."""
-
-    path: str
-    sha256: str
-    state_dict: dict[str, torch.Tensor]
-    key: str | None = None
-    stripped_prefix: str | None = None
-
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "path": os.path.abspath(self.path),
-            "sha256": self.sha256,
-            "key": self.key,
-            "stripped_prefix": self.stripped_prefix,
-            "tensors": len(self.state_dict),
-        }
+def _is_state_dict(obj: Any) -> bool:
+    tensors = isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return tensors and bool(obj) and all(isinstance(k, str) for k in obj)
 
 
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
+def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
+        while block := fh.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _names(names: list[str]) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
-    return "[" + ", ".join(repr(n) for n in names[:_SHOWN]) + "]" + more
-
-
-def _sentence(text: str) -> str:
-    """The first sentence of the first line of ``text`` (torch's messages run long)."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line.split(". ")[0].rstrip(".")
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    )
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
-    """Read ``path`` with ``weights_only=True`` and find the state dict in it.
-
-    Raises :class:`~layerwise.experiments.errors.UsageError` (naming ``--checkpoint`` and the path)
-    when the file is missing, unreadable, corrupt, holds objects other than tensors and plain
-    containers, or holds no state dict.
-    """
-    where = f"--checkpoint {str(path)!r}"
-    if not os.path.exists(path):
-        raise UsageError(f"{where}: no such file")
-    if not os.path.isfile(path):
-        raise UsageError(f"{where} is not a file")
+def _unpickle(path: str, where: str) -> Any:
+    """``torch.load(path, weights_only=True)``, its refusals and failures as one line."""
     try:
-        sha = sha256_file(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # garbage bytes make the unpickler fail in any way
         text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
         if found:
             raise UsageError(
                 f"{where} holds a {found.group(1)} object, which weights_only=True refuses to "
                 "unpickle; save the model's state_dict() instead"
             ) from exc
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-        reason = detail.group(1).strip() if detail else _sentence(text)
+        reason = detail.group(1).strip() if detail else first_line(exc).split(". ")[0]
         raise UsageError(f"{where} is not a readable torch checkpoint ({reason})") from exc
-    except Exception as exc:  # garbage bytes make the unpickler fail in any way
-        reason = f"{type(exc).__name__}: {_sentence(str(exc))}".rstrip(": ")
-        raise UsageError(f"{where} is not a readable torch checkpoint ({reason})") from exc
+
+
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict in the file at ``path`` and its manifest entry: absolute path, SHA-256
+    of the bytes, the key it sat under (None: top level) and the number of tensors."""
+    where = f"--checkpoint {path!r}"
+    if not os.path.exists(path):
+        raise UsageError(f"{where}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{where} is not a file")
+    obj = _unpickle(path, where)
     if _is_state_dict(obj):
-        return LoadedCheckpoint(str(path), sha, dict(obj))
-    if isinstance(obj, Mapping):
-        for key in STATE_DICT_KEYS:
-            if _is_state_dict(obj.get(key)):
-                return LoadedCheckpoint(str(path), sha, dict(obj[key]), key=key)
-        keys = [str(k) for k in obj][:_SHOWN]
-        raise UsageError(
-            f"{where} holds a dict with no state dict in it (top-level keys {keys}; expected "
-            f"tensors by parameter name, or one under {list(STATE_DICT_KEYS)})"
-        )
-    raise UsageError(f"{where} holds a {type(obj).__name__}, not a state dict")
+        key = None
+    elif isinstance(obj, dict):
+        key = next((k for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
+        if key is None:
+            raise UsageError(
+                f"{where} holds a dict with no state dict in it (top-level keys "
+                f"{[str(k) for k in obj][:6]}; expected tensors by parameter name, or one "
+                f"under {list(STATE_DICT_KEYS)})"
+            )
+    else:
+        raise UsageError(f"{where} holds a {type(obj).__name__}, not a state dict")
+    state = dict(obj if key is None else obj[key])
+    entry = {"path": os.path.abspath(path), "sha256": _sha256(path), "key": key}
+    return state, {**entry, "tensors": len(state)}
 
 
-def _strip_wrapper_prefix(
-    ckpt: LoadedCheckpoint, model_keys: set[str], prefix: str = "module."
-) -> LoadedCheckpoint:
-    keys = set(ckpt.state_dict)
-    if keys == model_keys or not all(k.startswith(prefix) for k in keys):
-        return ckpt
-    if any(k.startswith(prefix) for k in model_keys):
-        return ckpt
-    stripped = {k[len(prefix) :]: v for k, v in ckpt.state_dict.items()}
-    return LoadedCheckpoint(ckpt.path, ckpt.sha256, stripped, ckpt.key, stripped_prefix=prefix)
-
-
-def apply_checkpoint(model: nn.Module, ckpt: LoadedCheckpoint) -> LoadedCheckpoint:
-    """Load ``ckpt`` into ``model`` strictly; returns the checkpoint as applied.
-
-    On a mismatch raises :class:`~layerwise.experiments.errors.UsageError` naming the missing keys
-    (in the model, not in the checkpoint), the unexpected keys (in the checkpoint, not in the model)
-    and any shape mismatches, all on one line.
-    """
+def load_weights(model: nn.Module, path: str) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` into ``model`` strictly, unwrapping a ``module.`` prefix
+    (above); returns its manifest entry. On a mismatch name the missing keys (in the model
+    only), the unexpected keys (in the checkpoint only) and the shape mismatches, on one line."""
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str, got {type(path).__name__}")
+    state, entry = _read(path)
     own = model.state_dict()
-    ckpt = _strip_wrapper_prefix(ckpt, set(own))
-    theirs = ckpt.state_dict
-    missing = [k for k in own if k not in theirs]
-    unexpected = [k for k in theirs if k not in own]
+    if not any(k.startswith("module.") for k in own):
+        consume_prefix_in_state_dict_if_present(state, "module.")
+    missing = sorted(repr(k) for k in own.keys() - state.keys())
+    unexpected = sorted(repr(k) for k in state.keys() - own.keys())
     shapes = [
-        f"{k!r} checkpoint {tuple(theirs[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in theirs and tuple(theirs[k].shape) != tuple(own[k].shape)
+        f"{k!r} checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_names(unexpected)}")
-    if shapes:
-        more = f" (+{len(shapes) - _SHOWN} more)" if len(shapes) > _SHOWN else ""
-        problems.append("shape mismatch " + "; ".join(shapes[:_SHOWN]) + more)
+    problems = [f"missing keys [{_listed(missing)}]"] if missing else []
+    problems += [f"unexpected keys [{_listed(unexpected)}]"] if unexpected else []
+    problems += [f"shape mismatch {_listed(shapes, sep='; ')}"] if shapes else []
     if problems:
-        raise UsageError(
-            f"--checkpoint {ckpt.path!r} does not match the model: " + "; ".join(problems)
-        )
-    model.load_state_dict(theirs, strict=True)
-    return ckpt
+        raise UsageError(f"--checkpoint {path!r} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return entry
 
 
 def check_finite_weights(model: nn.Module, *, source: str) -> None:
-    """Raise :class:`~layerwise.experiments.errors.UsageError` naming every parameter or floating
-    buffer of ``model`` that holds a NaN or an infinity; ``source`` says where the weights came from
-    (e.g. ``"--checkpoint 'x.pt'"``)."""
+    """Refuse a model with a NaN or an infinity in a parameter or floating buffer, naming
+    each such tensor and ``source``, where the weights came from."""
     bad = []
     with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            inexact = tensor.is_floating_point() or tensor.is_complex()
-            if inexact and not bool(torch.isfinite(tensor).all()):
-                nans = int(torch.isnan(tensor).sum())
-                infs = int(torch.isinf(tensor).sum())
-                bad.append(f"{name!r} ({nans} NaN, {infs} inf)")
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{name!r} ({int(t.isnan().sum())} NaN, {int(t.isinf().sum())} inf)")
     if bad:
-        more = f" (+{len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
-        raise UsageError(f"{source} gives non-finite weights: " + ", ".join(bad[:_SHOWN]) + more)
+        raise UsageError(f"{source} gives non-finite weights: {_listed(bad)}")

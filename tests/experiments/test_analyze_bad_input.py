@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from layerwise.experiments.analysis.outputs import OUTPUT_FILES
+from layerwise.experiments.analysis import OUTPUT_FILES
 from layerwise.experiments.cli import main
 
 from .test_analyze_end_to_end import TORCH_JIT_WARNING, once, run_cli, user_workspace
@@ -37,6 +38,7 @@ def _write_bad_files(root):
     torch.save(nan, root / "nan.pt")
     torch.save({"optimizer": {"lr": torch.tensor(1.0)}}, root / "no_state.pt")
     torch.save(torch.ones(3), root / "tensor.pt")
+    torch.save(torch.nn.Linear(2, 2), root / "module.pt")  # a whole module, not a state dict
     shapes = dict(state)
     shapes["3.weight"] = torch.zeros(5, 16)
     torch.save(shapes, root / "shapes.pt")
@@ -84,6 +86,11 @@ IN_PROCESS = [
      ["no state dict", "'optimizer'"]),
     ("checkpoint-holding-a-tensor", [*MODEL, *DATA, "--checkpoint", "tensor.pt"], 2,
      ["holds a Tensor, not a state dict"]),
+    ("checkpoint-holding-a-module", [*MODEL, *DATA, "--checkpoint", "module.pt"], 2,
+     ["holds a torch.nn.modules.linear.Linear object, which weights_only=True refuses",
+      "save the model's state_dict() instead"]),
+    ("bundled-model-on-wrong-data", ["--model", "mlp", *DATA], 1,
+     ["the default loss failed on the first batch: RuntimeError"]),
     ("shape-mismatch", [*MODEL, *DATA, "--checkpoint", "shapes.pt"], 2,
      ["shape mismatch '3.weight' checkpoint (5, 16) vs model (3, 16)"]),
     ("unresolvable-attribute", ["--model", "lw_user_models:no_such_factory", *DATA], 2,
@@ -173,6 +180,29 @@ def test_more_bad_input_gives_one_line_and_exit_code(in_workspace, capsys, argv,
         got = exc.code
     captured = capsys.readouterr()
     assert_one_line(got, captured.out, captured.err, code, expected)
+
+
+class _Payload:
+    """Unpickling this calls ``os.makedirs(folder)``: code run by merely loading a file."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.folder,))
+
+
+@pytest.mark.filterwarnings(TORCH_JIT_WARNING)
+def test_malicious_checkpoint_is_refused_without_running_its_code(in_workspace, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    torch.save({"model": _Payload(marker)}, tmp_path / "malicious.pt")
+    code = main(["analyze", *MODEL, *DATA, "--checkpoint", str(tmp_path / "malicious.pt"), *SMALL])
+    captured = capsys.readouterr()
+    assert_one_line(code, captured.out, captured.err, 2, ["holds a os.makedirs object",
+                                                          "weights_only=True refuses"])  # fmt: skip
+    assert not marker.exists()
+    torch.load(tmp_path / "malicious.pt", weights_only=False)  # the payload is live
+    assert marker.is_dir()
 
 
 def test_debug_shows_the_traceback(runs):

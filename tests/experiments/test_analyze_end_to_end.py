@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 from matplotlib import image as mpimg
 
-from layerwise.experiments.analysis.outputs import OUTPUT_FILES
+from layerwise.experiments.analysis import OUTPUT_FILES
 from layerwise.sensitivity import COLUMNS, SensitivityReport
 
 PLOTS = [name for name in OUTPUT_FILES if name.endswith(".png")]

@@ -79,6 +79,25 @@ def test_options_reach_the_grouping(capsys):
     assert record["options"]["syntax"] == "glob"
 
 
+def test_shared_grouping_flags(capsys, tmp_path, monkeypatch):
+    """The flags `layerwise analyze` shares: --pattern alone means the patterns strategy,
+    --groups spells --strategy, and --groups-file reads the patterns (and their syntax and
+    catch-all) from TOML."""
+    code, out, _ = run(capsys, "--pattern", "stem=stem", "--catch-all", "rest", "--format", "json")
+    assert code == 0 and json.loads(out)["strategy"] == "patterns"
+    code, out, _ = run(capsys, "--groups", "module", "--model", "mlp", "--format", "json")
+    assert code == 0 and json.loads(out)["strategy"] == "module"
+    monkeypatch.chdir(tmp_path)
+    Path("top.toml").write_text('stem = "stem"\nrest = ".*"\n')
+    Path("nested.toml").write_text('syntax = "glob"\ncatch_all = "body"\n[groups]\nhead = "fc"\n')
+    code, out, _ = run(capsys, "--groups-file", "top.toml", "--format", "json")
+    assert code == 0 and [g["name"] for g in json.loads(out)["groups"]] == ["stem", "rest"]
+    code, out, _ = run(capsys, "--groups-file", "nested.toml", "--format", "json")
+    record = json.loads(out)
+    assert [g["name"] for g in record["groups"]] == ["head", "body"]
+    assert (record["options"]["syntax"], record["options"]["catch_all"]) == ("glob", "body")
+
+
 def test_csv_and_json_formats(capsys):
     code, out, _ = run(capsys, "--model", "mlp", "--format", "csv")
     frame = pd.read_csv(io.StringIO(out))
@@ -137,9 +156,19 @@ def test_rich_table_on_a_terminal(capsys, monkeypatch):
         (["--strategy", "patterns", "--pattern", "s=stem"], 2, "no pattern matches 29 trainable"),
         (["--model", "tests.policies.models:TiedLM", "--strategy", "role"], 2, "is tied to"),
         (["--head", "("], 2, "head: invalid regular expression '('"),
+        (["--groups-file", "none.toml"], 2, "--groups-file 'none.toml': no such file"),
+        (["--groups-file", "bad.toml"], 2, "--groups-file 'bad.toml' is not valid TOML"),
+        (["--groups-file", "extra.toml"], 2, "unknown top-level keys ['other']"),
+        (["--groups-file", "number.toml"], 2, "number.toml': patterns['stem'] must be a pattern"),
+        (["--groups-file", "number.toml", "--pattern", "a=b"], 2, "--pattern or --groups-file"),
+        (["--strategy", "depth", "--pattern", "a=stem"], 2, "patterns applies only to"),
     ],
 )
-def test_bad_input_is_one_line_on_stderr(capsys, argv, code, message):
+def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, monkeypatch, argv, code, message):
+    monkeypatch.chdir(tmp_path)
+    Path("bad.toml").write_text("stem = [1, 2\n")
+    Path("extra.toml").write_text('other = 1\n[groups]\nstem = "stem"\n')
+    Path("number.toml").write_text("stem = 3\n")
     got, out, err = run(capsys, *argv)
     assert got == code and out == ""
     assert err.count("\n") == 1 and err.startswith("layerwise groups: error: ")

@@ -1,0 +1,181 @@
+"""What ``layerwise analyze`` is told to analyse, resolved and checked before any estimate:
+``--model`` (a bundled name or a factory, :func:`layerwise.experiments.models.resolve_model`),
+``--checkpoint``, ``--data`` (a factory returning an iterable of batches: a ``DataLoader``, a
+list, a generator), ``--loss`` (``function(model, batch) -> mean loss``; by default
+cross-entropy on ``(inputs, targets)``) and ``--device``.
+
+Errors in what the user typed are :class:`~layerwise.experiments.errors.UsageError` (exit 2),
+the user's own code failing a :class:`~layerwise.experiments.errors.CLIError` (exit 1), each one
+line naming the option and its value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from layerwise.experiments.analysis.checkpoint import check_finite_weights, load_weights
+from layerwise.experiments.errors import CLIError, UsageError, first_line
+from layerwise.experiments.importing import import_object
+from layerwise.experiments.models import call_factory, resolve_model
+from layerwise.sensitivity import leaves_no_trace
+from layerwise.sensitivity.batching import batch_size_of, cast_batch
+
+__all__ = ["DEFAULT_LOSS", "Inputs", "cross_entropy_loss", "parse_device", "user_inputs"]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+DEFAULT_LOSS = "cross-entropy (mean over the batch)"
+
+
+@dataclass
+class Inputs:
+    """The model (on its device and dtype), the loss, the batches (moved), and plain data
+    describing them for the manifest."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    batches: list[Any]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_device(text: str) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU) or a device torch knows that this
+    machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...)."""
+    if not isinstance(text, str):
+        raise TypeError(f"--device must be a str, got {type(text).__name__}")
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(
+            f"--device {text!r} is not a device torch knows (try 'auto', 'cpu', "
+            "'cuda', 'cuda:0' or 'mps')"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {text!r}: CUDA is not available on this machine")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UsageError(f"--device {text!r} is not available here ({first_line(exc)})") from exc
+    return device
+
+
+def _move_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """``batch`` with every tensor on ``device`` and every floating tensor in ``dtype``."""
+    moved = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+    return cast_batch(moved, dtype)
+
+
+def _batches_sha256(batches: list[Any]) -> str:
+    """SHA-256 over the structure and every leaf of ``batches`` (tensors by dtype, shape and
+    bytes, other leaves by ``repr``), so that the manifest pins the data analysed."""
+    leaves, spec = tree_flatten(batches)
+    digest = hashlib.sha256(str(spec).encode())
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T|{t.dtype}|{tuple(leaf.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{leaf!r}|".encode())
+    return digest.hexdigest()
+
+
+def _load_batches(spec: str, *, limit: int) -> list[Any]:
+    """The first ``limit`` batches of the iterable the factory at ``spec`` returns, each with
+    examples along dimension 0 (:func:`layerwise.sensitivity.batching.batch_size_of`)."""
+    data = call_factory(spec, what="--data")
+    wrong = (torch.Tensor, nn.Module, str, bytes, Mapping)
+    if isinstance(data, wrong) or not isinstance(data, Iterable):
+        raise UsageError(
+            f"--data {spec!r} returned a {type(data).__name__}, not an iterable of batches"
+        )
+    try:
+        batches = list(itertools.islice(data, limit))
+    except Exception as exc:
+        raise CLIError(f"--data {spec!r} failed while yielding batches: {first_line(exc)}") from exc
+    if not batches:
+        raise UsageError(f"--data {spec!r} yielded no batches")
+    for i, batch in enumerate(batches):
+        try:
+            batch_size_of(batch)
+        except ValueError as exc:
+            raise UsageError(f"--data {spec!r}: batch {i}: {exc}") from exc
+    return batches
+
+
+def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Mean cross-entropy of ``model(inputs)`` against class indices ``targets`` for a batch
+    ``(inputs, targets)``: (1/B) Σ_i −log softmax(model(x_i))[y_i], in nats."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise UsageError(
+            f"the default loss needs batches (inputs, targets), got a "
+            f"{type(batch).__name__}{size}; give --loss"
+        )
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs), targets)
+
+
+def _first_loss(model: nn.Module, loss_fn: LossFn, batch: Any, *, name: str) -> float:
+    """The loss on ``batch``, evaluated once to catch a bad loss or bad data before the
+    estimate; leaves no trace (buffers, modes, gradients and the RNG state are restored)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with leaves_no_trace(model), torch.no_grad():
+            loss = loss_fn(model, batch)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise CLIError(f"{name} failed on the first batch: {first_line(exc)}") from exc
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        got = (
+            f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}"
+            if isinstance(loss, torch.Tensor)
+            else f"a {type(loss).__name__}"
+        )
+        raise UsageError(f"{name} must return a scalar floating tensor, got {got}")
+    if not math.isfinite(value := float(loss)):
+        raise UsageError(f"{name} is {value} on the first batch; check --data for NaN or inf")
+    return value
+
+
+def user_inputs(args: Any, *, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """The user's model (``--seed`` seeds its factory), checkpoint, data and loss, each
+    checked: keys and shapes, finite weights, a finite scalar loss on the first batch."""
+    torch.manual_seed(args.seed)
+    model = resolve_model(args.model, what="--model")
+    checkpoint = None if args.checkpoint is None else load_weights(model, args.checkpoint)
+    source = (
+        f"--model {args.model!r}" if checkpoint is None else f"--checkpoint {args.checkpoint!r}"
+    )
+    check_finite_weights(model, source=source)
+    model = model.to(device=device, dtype=dtype)
+    raw = _load_batches(args.data, limit=args.batches)
+    batches = [_move_batch(b, device, dtype) for b in raw]
+    loss_fn = cross_entropy_loss if args.loss is None else import_object(args.loss, what="--loss")
+    if not callable(loss_fn):
+        raise UsageError(f"--loss {args.loss!r} is a {type(loss_fn).__name__}, not a callable")
+    name = "the default loss" if args.loss is None else f"--loss {args.loss!r}"
+    manifest = {
+        "model": {"source": args.model, "class": type(model).__qualname__},
+        "checkpoint": checkpoint,
+        "data": {"source": args.data, "batches": len(raw), "sha256": _batches_sha256(raw)},
+        "loss": args.loss or DEFAULT_LOSS,
+        "first_batch_loss": _first_loss(model, loss_fn, batches[0], name=name),
+    }
+    return Inputs(model, loss_fn, batches, manifest)
