@@ -44,103 +44,124 @@ def _steps(row) -> str:
     return f"{median} ({row['reached']}/{n})"
 
 
-def _task_table(cell: pd.DataFrame) -> list[str]:
-    rows = []
-    for _, r in cell.iterrows():
-        effect = (
-            ""
-            if not math.isfinite(r["effect"])
-            else (f"{'d_z' if r['test'] == 'paired' else 'g'} = {r['effect']:.2f}")
-        )
-        verdict = {"better": "**better**", "worse": "**worse**"}.get(r["verdict"], r["verdict"])
-        rows.append(
-            [
-                f"**{r['policy']}**" if r["policy"] == BASELINE else r["policy"],
-                f"{r['lr']:g}",
-                str(r["n"]),
-                f"{_fmt(r['test_mean'])} [{_fmt(r['test_low'])}, {_fmt(r['test_high'])}]",
-                "–"
-                if r["policy"] == BASELINE
-                else f"{_fmt(r['delta'], signed=True)} [{_fmt(r['delta_low'], signed=True)}, "
-                f"{_fmt(r['delta_high'], signed=True)}]",
-                r["test"] or "–",
-                _fmt(r["p"], 3, 1.0),
-                _fmt(r["p_holm"], 3, 1.0),
-                effect or "–",
-                verdict,
-                _steps(r),
-                f"{r['train_time']:.1f}",
-                str(r["fallback_events"]),
-            ]
-        )
-    header = [
-        "policy",
-        "lr",
-        "n",
-        "test % [95% CI]",
-        "Δ vs uniform, pp [95% CI]",
-        "test",
-        "p",
-        "p (Holm)",
-        "effect",
-        "verdict",
-        "steps to target (reached)",
-        "train s",
-        "fallbacks",
+_TASK_HEADER = [
+    "policy",
+    "lr",
+    "n",
+    "test % [95% CI]",
+    "Δ vs uniform, pp [95% CI]",
+    "test",
+    "p",
+    "p (Holm)",
+    "effect",
+    "verdict",
+    "steps to target (reached)",
+    "train s",
+    "fallbacks",
+]
+
+
+def _task_row(r: pd.Series) -> list[str]:
+    """One policy's row of a task table (percentages for the metric and its difference)."""
+    baseline = r["policy"] == BASELINE
+    effect = (
+        "–"
+        if not math.isfinite(r["effect"])
+        else f"{'d_z' if r['test'] == 'paired' else 'g'} = {r['effect']:.2f}"
+    )
+    delta = (
+        "–"
+        if baseline
+        else f"{_fmt(r['delta'], signed=True)} [{_fmt(r['delta_low'], signed=True)}, "
+        f"{_fmt(r['delta_high'], signed=True)}]"
+    )
+    return [
+        f"**{r['policy']}**" if baseline else r["policy"],
+        f"{r['lr']:g}",
+        str(r["n"]),
+        f"{_fmt(r['test_mean'])} [{_fmt(r['test_low'])}, {_fmt(r['test_high'])}]",
+        delta,
+        r["test"] or "–",
+        _fmt(r["p"], 3, 1.0),
+        _fmt(r["p_holm"], 3, 1.0),
+        effect,
+        {"better": "**better**", "worse": "**worse**"}.get(r["verdict"], r["verdict"]),
+        _steps(r),
+        f"{r['train_time']:.1f}",
+        str(r["fallback_events"]),
     ]
-    return _table(header, rows)
 
 
-def _figure(lines: list[str], out: Path, path: Path | None, caption: str) -> None:
-    if path is not None:
-        lines += [f"![{caption}]({path.relative_to(out).as_posix()})", ""]
+def _figure(out: Path, path: Path | None, caption: str) -> list[str]:
+    """The Markdown image line of a drawn figure (nothing when it was not drawn)."""
+    return [] if path is None else [f"![{caption}]({path.relative_to(out).as_posix()})", ""]
 
 
 def render_report(results: Results, out: Path, figures: bool = True) -> str:
     """The Markdown text of the report; draws the figures into ``out/figures``."""
-    fig_dir = out / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    finals = results.finals
-    table = summarise(finals, results.policy_order)
+    if not isinstance(results, Results):
+        raise TypeError(f"results must be a Results, got {type(results).__name__}")
+    out = Path(out)
+    (out / "figures").mkdir(exist_ok=True)
+    table = summarise(results.finals, results.policy_order)
+    lines = _header(results, out)
+    if table.empty:
+        return "\n".join([*lines, "No final run has finished yet; nothing to compare.", ""])
+    lines += _glance(table, out, figures)
+    lines += _method()
+    for (task, setting), cell in table.groupby(["task", "setting"], sort=False):
+        lines += _task_section(results, task, setting, cell, out, figures)
+    lines += _tuning_section(results)
+    lines += _events_section(results)
+    lines += _missing_section(results, out)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _header(results: Results, out: Path) -> list[str]:
+    """Title, config hash, how many runs finished, versions."""
     meta = results.meta
-    name = meta.get("name", out.name)
     n_tune = 0 if results.runs.empty else int((results.runs["kind"] == "tune").sum())
     versions = meta.get("versions", {})
-    lines = [
-        f"# Ablation report: {name}",
+    return [
+        f"# Ablation report: {meta.get('name', out.name)}",
         "",
-        f"Config hash `{meta.get('config_hash', 'unknown')[:12]}` · {len(finals)} final "
+        f"Config hash `{meta.get('config_hash', 'unknown')[:12]}` · {len(results.finals)} final "
         f"runs and {n_tune} tuning runs finished · layerwise-lr "
         f"{versions.get('layerwise-lr', '?')}, torch {versions.get('torch', '?')}.",
         "",
     ]
-    if table.empty:
-        lines += ["No final run has finished yet; nothing to compare.", ""]
-        return "\n".join(lines)
 
+
+def _glance(table: pd.DataFrame, out: Path, figures: bool) -> list[str]:
+    """ "At a glance": the forest plot, the significant wins and losses, one line per policy."""
+    lines = ["## At a glance", ""]
+    if figures:
+        summary = plot_summary(table, out / "figures" / "summary.png")
+        lines += _figure(out, summary, "difference to uniform")
     helped = table[table["verdict"] == "better"]
     hurt = table[table["verdict"] == "worse"]
-    lines += ["## At a glance", ""]
-    if figures:
-        _figure(lines, out, plot_summary(table, fig_dir / "summary.png"), "difference to uniform")
     if helped.empty:
         lines.append(
             "**No policy beat `uniform` significantly** (paired t-test over seeds, "
             "Holm-adjusted, α = 0.05) on any task."
         )
     else:
-        wins = ", ".join(
-            f"{r.policy} on {r.task} ({_fmt(r.delta, signed=True)} pp)" for r in helped.itertuples()
-        )
-        lines.append(f"**Significantly better than `uniform`:** {wins}.")
+        lines.append(f"**Significantly better than `uniform`:** {_listing(helped)}.")
     if not hurt.empty:
-        losses = ", ".join(
-            f"{r.policy} on {r.task} ({_fmt(r.delta, signed=True)} pp)" for r in hurt.itertuples()
-        )
-        lines.append(f"**Significantly worse than `uniform`:** {losses}.")
-    lines += ["", *verdict_lines(table), ""]
+        lines.append(f"**Significantly worse than `uniform`:** {_listing(hurt)}.")
+    return [*lines, "", *verdict_lines(table), ""]
 
-    lines += [
+
+def _listing(rows: pd.DataFrame) -> str:
+    """``policy on task (+x.xx pp), ...`` for the rows of a summary table."""
+    return ", ".join(
+        f"{r.policy} on {r.task} ({_fmt(r.delta, signed=True)} pp)" for r in rows.itertuples()
+    )
+
+
+def _method() -> list[str]:
+    """ "How the runs were made": tuning, seeds, the test protocol and the statistics."""
+    return [
         "## How the runs were made",
         "",
         "- Every policy's base learning rate was tuned on the same grid, with the same tuning "
@@ -160,68 +181,52 @@ def render_report(results: Results, out: Path, figures: bool = True) -> str:
         "",
     ]
 
-    for (task, setting), cell in table.groupby(["task", "setting"], sort=False):
-        title = task if setting == "default" else f"{task} ({setting})"
-        info = results.task_info.get(task, {})
-        budget = info.get("budget", {})
-        lines += [f"## {title}", "", info.get("description", ""), ""]
-        if budget:
-            lines += [
-                f"Budget: {budget.get('steps')} steps of {budget.get('batch_size')} "
-                f"examples, evaluation every {budget.get('eval_every')} steps, target "
-                f"validation {info.get('metric', 'metric')} {budget.get('target')}; data "
-                f"{info.get('data', {}).get('sizes')} (sha256 "
-                f"`{info.get('data', {}).get('sha256', '')[:12]}`).",
-                "",
-            ]
-        lines += [*_task_table(cell), ""]
-        if figures:
-            policies = list(cell["policy"])
-            order = results.group_order.get(task, [])
-            sel = (results.curves["task"] == task) & (results.curves["setting"] == setting)
-            gsel = (results.groups["task"] == task) & (results.groups["setting"] == setting)
-            stem = f"{task}__{setting}"
-            metric = str(cell["metric"].iloc[0])
-            _figure(
-                lines,
-                out,
-                plot_curves(
-                    results.curves[sel],
-                    policies,
-                    fig_dir / f"{stem}__curves.png",
-                    title=title,
-                    metric=metric,
-                ),
-                "curves",
-            )
-            _figure(
-                lines,
-                out,
-                plot_rates(
-                    results.groups[gsel],
-                    policies,
-                    order,
-                    fig_dir / f"{stem}__rates.png",
-                    title=title,
-                ),
-                "rates",
-            )
-            _figure(
-                lines,
-                out,
-                plot_heatmap(
-                    results.groups[gsel],
-                    policies,
-                    order,
-                    fig_dir / f"{stem}__curvature.png",
-                    title=title,
-                ),
-                "curvature heat map",
-            )
-    lines += _tuning_section(results)
-    lines += _events_section(results)
-    lines += _missing_section(results, out)
-    return "\n".join(lines).rstrip() + "\n"
+
+def _task_section(results: Results, task, setting, cell, out: Path, figures: bool) -> list[str]:
+    """One task and setting: description, budget, the comparison table, the figures."""
+    title = task if setting == "default" else f"{task} ({setting})"
+    info = results.task_info.get(task, {})
+    lines = [f"## {title}", "", info.get("description", ""), ""]
+    budget = info.get("budget", {})
+    if budget:
+        data = info.get("data", {})
+        lines += [
+            f"Budget: {budget.get('steps')} steps of {budget.get('batch_size')} "
+            f"examples, evaluation every {budget.get('eval_every')} steps, target "
+            f"validation {info.get('metric', 'metric')} {budget.get('target')}; data "
+            f"{data.get('sizes')} (sha256 `{data.get('sha256', '')[:12]}`).",
+            "",
+        ]
+    lines += [*_table(_TASK_HEADER, [_task_row(r) for _, r in cell.iterrows()]), ""]
+    if figures:
+        lines += _task_figures(results, task, setting, cell, out, title)
+    return lines
+
+
+def _task_figures(results: Results, task, setting, cell, out: Path, title: str) -> list[str]:
+    """Learning curves, per-group rate trajectories and the curvature heat map of a cell."""
+    policies = list(cell["policy"])
+    order = results.group_order.get(task, [])
+    curves = results.curves[
+        (results.curves["task"] == task) & (results.curves["setting"] == setting)
+    ]
+    groups = results.groups[
+        (results.groups["task"] == task) & (results.groups["setting"] == setting)
+    ]
+    stem = out / "figures" / f"{task}__{setting}"
+    metric = str(cell["metric"].iloc[0])
+    curves_png = plot_curves(curves, policies, _png(stem, "curves"), title=title, metric=metric)
+    rates_png = plot_rates(groups, policies, order, _png(stem, "rates"), title=title)
+    heat_png = plot_heatmap(groups, policies, order, _png(stem, "curvature"), title=title)
+    return [
+        *_figure(out, curves_png, "curves"),
+        *_figure(out, rates_png, "rates"),
+        *_figure(out, heat_png, "curvature heat map"),
+    ]
+
+
+def _png(stem: Path, kind: str) -> Path:
+    return stem.with_name(f"{stem.name}__{kind}.png")
 
 
 def _tuning_section(results: Results) -> list[str]:
