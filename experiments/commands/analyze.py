@@ -125,14 +125,20 @@ def _progress(description: str) -> Iterator[Callable[[int, int], None] | None]:
 def _estimate(inputs: Any, groups: Any, args: argparse.Namespace, dtype: Any) -> Any:
     """:func:`layerwise.sensitivity.estimate` of every quantity; a failure inside the user's
     model or loss is one line (exit 1)."""
-    from layerwise.sensitivity import estimate
+    from layerwise.sensitivity import EstimateOptions, estimate
 
-    options = {"groups": groups.mapping(), "dtype": dtype}
-    options.update((name, getattr(args, name)) for name in ("probes", "seed", "tolerance"))
+    options = EstimateOptions(
+        probes=args.probes, seed=args.seed, tolerance=args.tolerance, dtype=dtype
+    )
     with _progress("estimating") as progress:
         try:
             return estimate(
-                inputs.model, inputs.loss_fn, inputs.batches, progress=progress, **options
+                inputs.model,
+                inputs.loss_fn,
+                inputs.batches,
+                groups=groups.mapping(),
+                options=options,
+                progress=progress,
             )
         except (ValueError, TypeError):
             raise
