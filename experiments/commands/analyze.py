@@ -127,18 +127,12 @@ def _estimate(inputs: Any, groups: Any, args: argparse.Namespace, dtype: Any) ->
     model or loss is one line (exit 1)."""
     from layerwise.sensitivity import EstimateOptions, estimate
 
-    options = EstimateOptions(
-        probes=args.probes, seed=args.seed, tolerance=args.tolerance, dtype=dtype
-    )
+    settings = {name: getattr(args, name) for name in ("probes", "seed", "tolerance")}
+    options = {"groups": groups.mapping(), "options": EstimateOptions(**settings, dtype=dtype)}
     with _progress("estimating") as progress:
         try:
             return estimate(
-                inputs.model,
-                inputs.loss_fn,
-                inputs.batches,
-                groups=groups.mapping(),
-                options=options,
-                progress=progress,
+                inputs.model, inputs.loss_fn, inputs.batches, progress=progress, **options
             )
         except (ValueError, TypeError):
             raise
