@@ -1,9 +1,12 @@
-"""Argument checks of the controller's settings: each error names the setting and the value.
+"""Argument checks of the controller's settings (each error names the setting and the value),
+and :func:`exp_text`, which writes ``exp(x)`` for any finite ``x`` without overflowing.
 
 >>> real_in("alpha", 0.5, 0.0, math.inf, open_hi=True)
 0.5
 >>> int_at_least("cooldown", 2, 0)
 2
+>>> exp_text(math.log(2.5)), exp_text(1435.0)
+('2.5', '1.631e+623')
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-__all__ = ["int_at_least", "real_in", "settings_from_mapping"]
+__all__ = ["exp_text", "int_at_least", "real_in", "settings_from_mapping"]
 
 T = TypeVar("T")
 
@@ -56,3 +59,29 @@ def settings_from_mapping(cls: type[T], data: Any, where: str) -> T:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     return cls(**data)
+
+
+_LN10 = math.log(10.0)
+
+
+def exp_text(log_value: float) -> str:
+    """``exp(log_value)`` as text with 4 significant digits (``%.4g``), for any real
+    ``log_value``, so that a reason text can always be written: ``math.exp`` raises
+    ``OverflowError`` above about 709, and a result below about 1e-308 loses digits, so
+    outside [-700, 700] the text is built from the decimal exponent ``log_value / ln 10``
+    (and is ``exp(x)`` itself once that exponent passes 1e11, where its fraction is lost to
+    rounding)."""
+    x = float(log_value)
+    if not math.isfinite(x):
+        return repr(math.exp(x)) if x == -math.inf else repr(x)  # nan, inf; 0.0 for -inf
+    if -700.0 <= x <= 700.0:
+        return f"{math.exp(x):.4g}"
+    decimal = x / _LN10
+    if abs(decimal) >= 1e11:
+        return f"exp({x:.4g})"
+    exponent = math.floor(decimal)
+    mantissa = 10.0 ** (decimal - exponent)  # in [1, 10)
+    text = f"{mantissa:.4g}"
+    if text == "10":  # rounded up to the next power of ten
+        text, exponent = "1", exponent + 1
+    return f"{text}e{exponent:+d}"

@@ -8,11 +8,11 @@ At each recalibration :meth:`SensitivityController.update` runs, in this order:
    limit on purpose: 1 is the tuned recipe, and leaving a suspect multiplier in place for a few
    more recalibrations is what a fallback exists to avoid), then a cooldown and hysteresis.
 2. **Measure and smooth**: the rule's inputs (positive quantities, see
-:mod:`layerwise.policies.rules`)
-   are smoothed per group and input by a bias-corrected EMA of their logs with its standard
-   error (:class:`layerwise.policies.smoothing.LogEMA`, decay ``ema``; 0 disables smoothing). A
-   measurement with a relative stderr above max(10, ``max_rel_stderr``) is not fed. Healthy
-   reports feed the EMA during a fallback too; a fallback empties it.
+   :mod:`layerwise.policies.rules`) are smoothed per group and input by a bias-corrected EMA
+   of their logs with its standard error (:class:`layerwise.policies.smoothing.LogEMA`, decay
+   ``ema``; 0 disables smoothing). A measurement with a relative stderr above max(10,
+   ``max_rel_stderr``) is not fed. Healthy reports feed the EMA during a fallback too; a
+   fallback empties it.
 3. **Confidence**: a group whose smoothed relative stderr exceeds ``max_rel_stderr`` (or that
    the rule cannot use) keeps its previous multiplier, and its reason says so.
 4. **Rule and normalisation**: ``m_g = exp(alpha * (s_g - s_bar))`` over the other groups,
@@ -20,6 +20,29 @@ At each recalibration :meth:`SensitivityController.update` runs, in this order:
    geometric mean is 1 (over all groups when none is held).
 5. **Bounds** (:func:`layerwise.policies.bounds.apply_bounds` with ``bounds``, a
    :class:`layerwise.policies.Bounds`), the visible last step.
+
+Two more ways into the fallback, between recalibrations:
+
+* **The validation watch** (:meth:`SensitivityController.observe_validation`, the metric's
+  direction ``Safety.mode``). While adapting, a value is compared with two references.
+  (a) ``best``, the best value seen while not adapting: ``patience`` consecutive values
+  worse by more than ``min_delta`` trip the fallback. (b) ``peak``, the best value seen
+  while adapting since adaptation (re)started: a value whose decline from the peak exceeds
+  ``min_delta`` and ``collapse_drop * max(|peak - best|, |peak|)`` is a collapse, and
+  ``collapse_patience`` consecutive collapses trip the fallback. (b) catches a run that
+  learned under adaptation and then broke down while still "better than before" (0.07
+  before adapting, then 0.90, 0.955, 0.50, 0.083: the two values 0.083 trip it with the
+  defaults ``collapse_drop=0.5``, ``collapse_patience=2``); the slow decline of overfitting
+  (0.91 to 0.898) is a few percent of the scale and does not. A non-finite value while
+  adapting trips at once.
+* **An outside reason** (:meth:`SensitivityController.fall_back`), e.g. the engine's
+  non-finite gradients.
+
+Every entry point is transactional: it works on a copy of the state and commits it at the
+end, so an exception leaves the controller as it was. On finite input ``update`` never
+raises: reason texts write ``exp`` of a log without overflowing
+(:func:`layerwise.policies.checks.exp_text`), and an arithmetic error nothing foresaw
+becomes a fallback that names it.
 
 Defaults are conservative, for use over a well-tuned Adam recipe (Adam already divides by a
 per-parameter gradient scale, so a full-strength rule would double-count): ``alpha=0.5``,
@@ -30,6 +53,7 @@ controller-level entries are checked by :mod:`layerwise.policies.controller_stat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -38,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerwise.policies.bounds import Bounds, apply_bounds
-from layerwise.policies.checks import int_at_least, real_in
+from layerwise.policies.checks import exp_text, int_at_least, real_in
 from layerwise.policies.controller_config import controller_arguments
 from layerwise.policies.controller_state import VERSION, check_state
 from layerwise.policies.rules import Rule, make_rule, normalise
@@ -182,12 +206,50 @@ class SensitivityController:
 
     # -- the update -----------------------------------------------------------------------
     def update(self, report: SensitivityReport, *, step: int) -> Decision:
-        """Multipliers for the groups of ``report`` at training step ``step``."""
+        """Multipliers for the groups of ``report`` at training step ``step``.
+
+        Transactional: the update runs on a copy of the state, committed when it is done, so
+        an exception leaves the controller exactly as it was. On finite input it never
+        raises: an arithmetic error (overflow) the checks did not foresee becomes a fallback
+        whose reason names it, made from the state as it was before this update."""
         if not isinstance(report, SensitivityReport):
             raise TypeError(f"report must be a SensitivityReport, got {type(report).__name__}")
         if len(report) == 0:
             raise ValueError("report must hold at least one group, got an empty report")
         step = int_at_least("step", step, 0 if self._step is None else self._step)
+        work = self._copy()
+        try:
+            decision = work._update(report, step)
+        except ArithmeticError as err:
+            work = self._copy()
+            work._step, work._updates = step, work._updates + 1
+            why = f"arithmetic error in the update ({type(err).__name__}: {err})"
+            decision = work._fallback(why, step, report.names)
+        self.__dict__.update(work.__dict__)
+        return decision
+
+    def fall_back(self, reason: str, *, step: int) -> Decision:
+        """Fall back to the uniform rate now, for ``reason`` (a non-empty string, e.g. the
+        engine's "non-finite gradients"), as an unhealthy report would: every group seen so
+        far at 1, then the cooldown and hysteresis. Returns the fallback :class:`Decision`."""
+        if not isinstance(reason, str) or not reason:
+            raise TypeError(f"reason must be a non-empty string, got {reason!r}")
+        step = int_at_least("step", step, 0)
+        work = self._copy()
+        decision = work._fallback(reason, step, list(work._multipliers))
+        self.__dict__.update(work.__dict__)
+        return decision
+
+    def _copy(self) -> SensitivityController:
+        """A copy whose mutable state is its own (settings and rule are shared: frozen)."""
+        work = copy.copy(self)
+        work._spike, work._gate, work._watch, work._smooth = copy.deepcopy(
+            (self._spike, self._gate, self._watch, self._smooth)
+        )
+        work._multipliers = dict(self._multipliers)
+        return work
+
+    def _update(self, report: SensitivityReport, step: int) -> Decision:
         names = report.names
         problems = report_problems(report) + self._spike.check(report)
         self._spike.update(report)
@@ -226,7 +288,7 @@ class SensitivityController:
                 why[name] = f"held at {prev[name]:.4g}: rule score {score!r} is not finite"
             else:
                 scores[name] = score
-                inputs = ", ".join(f"{k} {math.exp(v):.4g}" for k, v in logs.items())
+                inputs = ", ".join(f"{k} {exp_text(v)}" for k, v in logs.items())
                 why[name] = f"{self.rule.name}: {inputs or 'no inputs'}"
         weights = {g.group: float(g.num_params) for g in report if g.group in scores}
         proposed = {**prev, **normalise(scores, weights, self.alpha)}
@@ -246,23 +308,28 @@ class SensitivityController:
 
     def _fallback(self, reason: str, step: int, names) -> Decision:
         self._gate.trip(reason)
-        self._watch.strikes = 0
+        self._watch.reset()
         self._smooth.reset()
         return self._uniform(step, names, f"fallback: {reason}", f"fallback: {reason}")
 
     # -- validation -----------------------------------------------------------------------
     def observe_validation(self, value: float, *, step: int | None = None) -> Decision | None:
         """Record a validation metric. Returns the fallback :class:`Decision` (all ones, for
-        every group seen so far, effective at once) when it trips, else ``None``."""
+        every group seen so far, effective at once) when it trips, else ``None``. The value
+        is watched against the best before adaptation and against the best while adapting
+        (:class:`~layerwise.policies.safety.ValidationWatch`)."""
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"value must be a real number, got {value!r}")
         if step is not None:
             step = int_at_least("step", step, 0)
-        reason = self._watch.observe(float(value), adapting=self.adapting)
-        if reason is None:
-            return None
-        at = step if step is not None else (self._step or 0)
-        return self._fallback(reason, at, list(self._multipliers))
+        work = self._copy()
+        reason = work._watch.observe(float(value), adapting=self.adapting)
+        decision = None
+        if reason is not None:
+            at = step if step is not None else (self._step or 0)
+            decision = work._fallback(reason, at, list(work._multipliers))
+        self.__dict__.update(work.__dict__)
+        return decision
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

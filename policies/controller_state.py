@@ -17,8 +17,10 @@ from layerwise.policies.checks import int_at_least
 
 __all__ = ["KEYS", "VERSION", "check_state"]
 
-#: Format version of the controller's state dict.
-VERSION = 1
+#: Format version of the controller's state dict. Version 2 added the collapse watch
+#: (``validation`` holds ``peak`` and ``collapses``; the settings ``collapse_drop`` and
+#: ``collapse_patience``); a version-1 state is refused with its version named.
+VERSION = 2
 #: The keys of the controller's state dict.
 KEYS = (
     "version",
@@ -47,7 +49,10 @@ def check_state(
             f"unexpected {sorted(set(state) - set(KEYS))}"
         )
     if state["version"] != VERSION:
-        raise ValueError(f"state version must be {VERSION}, got {state['version']!r}")
+        raise ValueError(
+            f"state version must be {VERSION}, got {state['version']!r} (a controller state of "
+            "another layerwise-lr version; version 1 predates the collapse watch)"
+        )
     theirs = state["settings"]
     if not isinstance(theirs, Mapping):
         raise ValueError(f"state settings must be a mapping, got {theirs!r}")

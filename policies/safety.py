@@ -17,10 +17,24 @@
 * :class:`FallbackGate` -- after a fallback, ``cooldown`` recalibrations at all ones, then
   ``hysteresis`` consecutive healthy reports before adapting again (hysteresis: the report that
   completes the count is the first adapted one). An unhealthy report at any time trips it again.
-* :class:`ValidationWatch` -- the validation metric while adapting against the best value seen
-  while not adapting (before adaptation was switched on, or during a fallback); ``patience``
-  consecutive worsenings (by more than ``min_delta``) trip the gate, and so does a non-finite
-  value. With no value seen before, the first one seen while adapting is the baseline.
+* :class:`ValidationWatch` -- the validation metric while adapting, watched two ways, and a
+  non-finite value trips the gate at once. With no value seen before adaptation, the first one
+  seen while adapting is the reference.
+
+  - *Worse than before*: against ``best``, the best value seen while not adapting (before
+    adaptation was switched on, or during a fallback); ``patience`` consecutive worsenings
+    (by more than ``min_delta``) trip the gate.
+  - *Collapse*: against ``peak``, the best value seen while adapting since adaptation (re)started.
+    A value whose decline from the peak exceeds ``min_delta`` and ``collapse_drop`` times
+    ``max(|peak - best|, |peak|)`` is a collapse; ``collapse_patience`` consecutive collapses
+    trip the gate. The first check alone misses a run that learns under adaptation and then
+    breaks down: its reference may be near chance (an accuracy of 0.07 before adaptation,
+    0.955 at its peak, 0.083 after the collapse is still "better than before"). The scale
+    makes the threshold mean the same for an accuracy and a loss: for an accuracy in mode
+    ``max`` it is about the peak itself (0.5 means losing half of the peak accuracy), for a
+    loss in mode ``min`` the improvement since the reference (0.5 means climbing back half
+    way to where adaptation started), so the slow decline of overfitting (a few percent of
+    that) does not trip it. A fallback ends the episode: strikes and peak are forgotten.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from layerwise.policies.checks import exp_text
 from layerwise.sensitivity import SensitivityReport
 
 __all__ = ["FallbackGate", "SpikeMonitor", "ValidationWatch", "report_problems"]
@@ -108,7 +123,7 @@ class SpikeMonitor:
             if math.log(n) - ref > math.log(self.factor):
                 out.append(
                     f"gradient-norm spike in group {g.group} (grad_norm {n:.4g} > "
-                    f"{self.factor:g} x running average {math.exp(ref):.4g})"
+                    f"{self.factor:g} x running average {exp_text(ref)})"
                 )
         return out
 
@@ -205,52 +220,99 @@ class FallbackGate:
 
 @dataclass
 class ValidationWatch:
-    """Worsening of a validation metric after adaptation was switched on."""
+    """Worsening and collapse of a validation metric after adaptation was switched on."""
 
     mode: str
     patience: int
     min_delta: float
+    collapse_drop: float = math.inf
+    collapse_patience: int = 1
     best: float | None = None
     strikes: int = 0
+    peak: float | None = None
+    collapses: int = 0
 
     def _worse(self, value: float, than: float) -> bool:
         if self.mode == "min":
             return value > than + self.min_delta
         return value < than - self.min_delta
 
+    def _decline(self, value: float) -> tuple[float, float]:
+        """``(decline from the peak, scale)``: the decline in the metric's units (positive
+        when worse) and ``max(|peak - best|, |peak|)``, the unit of ``collapse_drop``."""
+        assert self.peak is not None and self.best is not None
+        decline = self.peak - value if self.mode == "max" else value - self.peak
+        return decline, max(abs(self.peak - self.best), abs(self.peak))
+
+    def _collapsed(self, value: float) -> bool:
+        if self.peak is None or self.best is None:
+            return False
+        decline, scale = self._decline(value)
+        return decline > self.min_delta and decline > self.collapse_drop * scale
+
+    def reset(self) -> None:
+        """Forget the strikes and the peak (a fallback ends an episode of adaptation)."""
+        self.strikes, self.collapses, self.peak = 0, 0, None
+
     def observe(self, value: float, *, adapting: bool) -> str | None:
         """Record ``value``; return a fallback reason when it trips (state is updated)."""
         if not adapting:
-            self.strikes = 0
+            self.reset()
             if math.isfinite(value) and (self.best is None or self._worse(self.best, value)):
                 self.best = value
             return None
         if not math.isfinite(value):
             return f"validation metric not finite ({value!r}) while adapting"
         if self.best is None:
-            self.best = value
+            self.best = self.peak = value
             return None
-        if not self._worse(value, self.best):
-            self.strikes = 0
-            return None
-        self.strikes += 1
-        if self.strikes < self.patience:
-            return None
-        return (
-            f"validation metric worsened ({value:.6g} vs best {self.best:.6g} before adaptation, "
-            f"mode {self.mode}) for {self.strikes} consecutive observation(s)"
-        )
+        self.strikes = self.strikes + 1 if self._worse(value, self.best) else 0
+        collapsed = self._collapsed(value)
+        self.collapses = self.collapses + 1 if collapsed else 0
+        if collapsed:
+            decline, scale = self._decline(value)
+            collapse = (
+                f"validation metric collapsed ({value:.6g} vs {self.peak:.6g}, the best while "
+                f"adapting: a decline of {decline:.4g} > collapse_drop {self.collapse_drop:g} x "
+                f"{scale:.4g}; mode {self.mode}) for {self.collapses} consecutive observation(s)"
+            )
+        if self.peak is None or (value > self.peak if self.mode == "max" else value < self.peak):
+            self.peak = value
+        if self.strikes >= self.patience:
+            return (
+                f"validation metric worsened ({value:.6g} vs best {self.best:.6g} before "
+                f"adaptation, mode {self.mode}) for {self.strikes} consecutive observation(s)"
+            )
+        if self.collapses >= self.collapse_patience:
+            return collapse
+        return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "strikes": self.strikes}
+        return {
+            "best": self.best,
+            "strikes": self.strikes,
+            "peak": self.peak,
+            "collapses": self.collapses,
+        }
 
     def load_state_dict(self, state: Any) -> None:
         w = _from_dict(
-            ValidationWatch, state, mode=self.mode, patience=self.patience, min_delta=self.min_delta
+            ValidationWatch,
+            state,
+            mode=self.mode,
+            patience=self.patience,
+            min_delta=self.min_delta,
+            collapse_drop=self.collapse_drop,
+            collapse_patience=self.collapse_patience,
         )
-        if w.best is not None and not (isinstance(w.best, int | float) and math.isfinite(w.best)):
-            raise ValueError(f"validation best must be a finite float or None, got {w.best!r}")
-        if isinstance(w.strikes, bool) or not isinstance(w.strikes, int) or w.strikes < 0:
-            raise ValueError(f"validation strikes must be an int >= 0, got {w.strikes!r}")
+        for k in ("best", "peak"):
+            v = getattr(w, k)
+            if v is not None and not (isinstance(v, int | float) and math.isfinite(v)):
+                raise ValueError(f"validation {k} must be a finite float or None, got {v!r}")
+        for k in ("strikes", "collapses"):
+            v = getattr(w, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"validation {k} must be an int >= 0, got {v!r}")
         self.best = None if w.best is None else float(w.best)
-        self.strikes = w.strikes
+        self.peak = None if w.peak is None else float(w.peak)
+        self.strikes, self.collapses = w.strikes, w.collapses

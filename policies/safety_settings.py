@@ -42,7 +42,16 @@ class Safety:
     * ``mode`` -- ``"min"`` (lower is better, a loss) or ``"max"`` (higher is better, an
       accuracy): the direction of the validation metric.
     * ``min_delta`` -- in [0, inf): the change of the metric, in its own units, that counts
-      as a worsening.
+      as a worsening (and that a collapse must exceed too).
+    * ``collapse_drop`` -- in (0, inf]: the relative decline from the best value seen while
+      adapting that counts as a collapse (dimensionless; ``inf`` disables the collapse watch).
+      The decline is measured in units of ``max(|peak - reference|, |peak|)``, ``peak`` the
+      best value while adapting and ``reference`` the best before
+      (:class:`~layerwise.policies.safety.ValidationWatch`). The default 0.5: an accuracy
+      that loses half of its peak, or a loss that climbs back half way to where adaptation
+      found it; overfitting moves a metric by a few percent of that.
+    * ``collapse_patience`` -- int >= 1: consecutive collapsed observations that trip the
+      fallback (default 2: one bad evaluation may be noise, two in a row are not).
 
     Each invalid field raises ``TypeError``/``ValueError`` naming the field and the value.
     """
@@ -54,6 +63,8 @@ class Safety:
     patience: int = 3
     mode: str = "min"
     min_delta: float = 0.0
+    collapse_drop: float = 0.5
+    collapse_patience: int = 2
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -67,6 +78,10 @@ class Safety:
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
         set_(self, "min_delta", real_in("min_delta", self.min_delta, 0.0, math.inf,
                                         open_hi=True))  # fmt: skip
+        set_(self, "collapse_drop", real_in("collapse_drop", self.collapse_drop, 0.0, math.inf,
+                                            open_lo=True))  # fmt: skip
+        set_(self, "collapse_patience", int_at_least("collapse_patience", self.collapse_patience,
+                                                     1))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (floats, ints, a string)."""
@@ -86,4 +101,6 @@ class Safety:
         return FallbackGate(self.cooldown, self.hysteresis)
 
     def validation_watch(self) -> ValidationWatch:
-        return ValidationWatch(self.mode, self.patience, self.min_delta)
+        return ValidationWatch(
+            self.mode, self.patience, self.min_delta, self.collapse_drop, self.collapse_patience
+        )

@@ -220,6 +220,11 @@ BAD_ARGS = [
     ({"patience": True}, TypeError, "patience must be an int, got True"),
     ({"mode": "up"}, ValueError, "mode must be 'min' or 'max', got 'up'"),
     ({"min_delta": -1.0}, ValueError, r"min_delta must be in \[0, inf\), got -1.0"),
+    ({"collapse_drop": 0.0}, ValueError, r"collapse_drop must be in \(0, inf\], got 0.0"),
+    ({"collapse_drop": math.nan}, ValueError, r"collapse_drop must be in \(0, inf\], got nan"),
+    ({"collapse_drop": "0.5"}, TypeError, "collapse_drop must be a real number, got '0.5'"),
+    ({"collapse_patience": 0}, ValueError, "collapse_patience must be >= 1, got 0"),
+    ({"collapse_patience": 2.0}, TypeError, "collapse_patience must be an int, got 2.0"),
 ]
 
 
@@ -271,7 +276,7 @@ def _with(path: list, value) -> dict:
 BAD_STATES = [
     (["settings", "alpha"], 1.0, "other settings \\(alpha: saved 1.0, here 0.5\\)"),
     (["settings", "rule"], "noise", "rule: saved 'noise', here 'curvature'"),
-    (["version"], 2, "version"),
+    (["version"], 1, "state version must be 2, got 1"),
     (["multipliers", "a"], 3.0, "multiplier of group 'a' must be a float in \\[0.5, 2\\]"),
     (["multipliers", "a"], "x", "multiplier of group 'a'"),
     (["step"], -1, "state step"),

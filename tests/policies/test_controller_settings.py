@@ -14,7 +14,7 @@ from layerwise.sensitivity import GroupEstimate, SensitivityReport
 FLAT_KEYS = [
     "rule", "alpha", "min_multiplier", "max_multiplier", "max_spread", "max_change", "ema",
     "max_rel_stderr", "spike_factor", "spike_ema", "cooldown", "hysteresis", "patience", "mode",
-    "min_delta",
+    "min_delta", "collapse_drop", "collapse_patience",
 ]  # fmt: skip
 
 

@@ -203,7 +203,9 @@ def test_safety_states_reject_malformed_data():
     with pytest.raises(ValueError, match="missing \\['healthy'\\]"):
         FallbackGate(1, 1).load_state_dict({"phase": "adapting", "remaining": 0, "reason": None})
     with pytest.raises(ValueError, match="validation best"):
-        ValidationWatch("min", 1, 0.0).load_state_dict({"best": math.nan, "strikes": 0})
+        ValidationWatch("min", 1, 0.0).load_state_dict(
+            {"best": math.nan, "strikes": 0, "peak": None, "collapses": 0}
+        )
     with pytest.raises(ValueError, match="spike average"):
         SpikeMonitor(10.0, 0.9).load_state_dict({"averages": {"a": [0.0, 0]}})
 
