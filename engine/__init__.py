@@ -3,11 +3,13 @@ multipliers from a controller, refreshed at each recalibration.
 
 Modules, one concept each: :mod:`~layerwise.engine.optimizer` (the wrapper and its step),
 :mod:`~layerwise.engine.multipliers` (apply for the step, restore exactly),
+:mod:`~layerwise.engine.nonfinite` (the gradient check before each step),
 :mod:`~layerwise.engine.recalibration` (estimate, decide, apply),
 :mod:`~layerwise.engine.options` (controller and estimator options),
 :mod:`~layerwise.engine.distributed` (pooling reports across DDP ranks),
 :mod:`~layerwise.engine.checkpoint` (the engine's part of the optimizer state dict, composed
-from its components' state dicts), :mod:`~layerwise.engine.history` (the recalibration log
+from its components' state dicts), :mod:`~layerwise.engine.base_state` (does a checkpoint fit
+the wrapped optimizer), :mod:`~layerwise.engine.history` (the recalibration log
 in memory), :mod:`~layerwise.engine.callbacks` (callbacks, TensorBoard writers),
 :mod:`~layerwise.engine.batches` (estimation batches from an iterable),
 :mod:`~layerwise.engine.naming` (group and parameter names).
@@ -21,6 +23,7 @@ from layerwise.engine.callbacks import ScalarLogger, as_callback
 from layerwise.engine.distributed import pool_reports
 from layerwise.engine.history import HISTORY_COLUMNS, History, history_frame
 from layerwise.engine.multipliers import MULTIPLIER_KEY, apply_multipliers, restore_multipliers
+from layerwise.engine.nonfinite import NonFiniteGradientError
 from layerwise.engine.optimizer import LayerwiseOptimizer
 from layerwise.engine.options import DEFAULT_PROBES, required_quantities
 from layerwise.engine.recalibration import Recalibration
@@ -31,6 +34,7 @@ __all__: list[str] = [
     "MULTIPLIER_KEY",
     "History",
     "LayerwiseOptimizer",
+    "NonFiniteGradientError",
     "Recalibration",
     "ScalarLogger",
     "apply_multipliers",

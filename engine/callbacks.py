@@ -3,7 +3,8 @@
 :func:`as_callback` accepts
 
 - a callable ``callback(record)``, called after every recalibration (skipped ones
-  included) and every fallback ``observe_validation`` applied, with a
+  included), every fallback ``observe_validation`` applied and every step skipped on
+  non-finite gradients, with a
   :class:`layerwise.engine.recalibration.Recalibration`: ``record.step``, ``record.rows``
   (the history rows it added), ``record.decision`` and ``record.report`` (``None`` where
   there is none); e.g. :class:`layerwise.experiments.history_file.HistoryFile`, which

@@ -8,21 +8,34 @@ plain data:
 ``version``         format version (:data:`FORMAT_VERSION`)
 ``step``            optimizer steps taken through the engine
 ``group_names``     the groups' names, in order (checked on load)
-``settings``        ``recalibrate_every`` and ``warmup_steps`` (a difference only warns)
+``base``            the base optimizer's class and each parameter's shape
+                    (:func:`layerwise.engine.base_state.describe`)
+``settings``        ``recalibrate_every``, ``warmup_steps`` and ``max_nonfinite_steps``
+                    (a difference only warns)
 ``recalibrator``    :meth:`layerwise.engine.recalibration.Recalibrator.state_dict`: the
                     controller's state, the probe generator's and the seed (``None``
                     without a controller)
 ``batches``         :meth:`layerwise.engine.batches.BatchSource.state_dict` (``None``
                     without ``batches=``)
 ``history``         :meth:`layerwise.engine.history.History.state_dict`: the rows
+``nonfinite``       :meth:`layerwise.engine.nonfinite.NonFiniteSteps.state_dict`: the
+                    steps skipped on non-finite gradients, in all and in a row
 ==================  ===================================================================
 
 So saving the optimizer's state saves everything the engine owns, and resuming (model,
 optimizer, and the user's own scheduler, e.g. :class:`layerwise.policies.LayerwiseLR`, and
 data order) continues bit for bit. :func:`load_state` checks every entry first (the
-engine's own and each component's), then loads the recalibrator (whose controller checks
-its own entry before it changes anything) and the base optimizer, undoing the first if
-the second fails, and only then the history and the batch count, which cannot fail.
+engine's own, each component's, and whether the base optimizer's part fits the wrapped
+optimizer: :func:`layerwise.engine.base_state.check_fits`), then loads the recalibrator
+(whose controller checks its own entry before it changes anything) and the base optimizer,
+undoing the first if the second fails, and only then the history and the counts, which
+cannot fail. Any problem is a ``ValueError`` naming it, and nothing has changed.
+
+Format 3 added ``base`` and ``nonfinite`` (and the controller's collapse watch). A format-2
+checkpoint is refused with its version named: it records neither the optimizer's class nor
+the shapes, so whether it fits cannot be checked. Its base optimizer's part still loads on
+its own, at the user's risk: ``engine.base.load_state_dict({k: v for k, v in
+state.items() if k != "layerwise"})``.
 """
 
 from __future__ import annotations
@@ -33,38 +46,53 @@ from typing import Any
 
 import torch
 
+from layerwise.engine.base_state import check_fits, describe
 from layerwise.engine.batches import BatchSource
 from layerwise.engine.history import History
 from layerwise.engine.multipliers import MULTIPLIER_KEY, check_multiplier
+from layerwise.engine.nonfinite import NonFiniteSteps
 from layerwise.engine.recalibration import Recalibrator
 from layerwise.policies.schedule_base import check_int
 
 __all__ = ["ENGINE_KEY", "FORMAT_VERSION", "load_state", "pack_state"]
 
 ENGINE_KEY = "layerwise"
-FORMAT_VERSION = 2
-_KEYS = ("version", "step", "group_names", "settings", "recalibrator", "batches", "history")
+FORMAT_VERSION = 3
+_KEYS = ("version", "step", "group_names", "base", "settings", "recalibrator", "batches",
+         "history", "nonfinite")  # fmt: skip
 _WHERE = f"state_dict[{ENGINE_KEY!r}]"
+#: What to say about the formats this engine refuses.
+_OLD = {
+    2: (
+        " (format 2 records neither the base optimizer's class nor the parameter shapes, so "
+        "whether it fits cannot be checked; resume with the layerwise-lr that saved it, or "
+        "load its base optimizer's part alone with engine.base.load_state_dict, at your risk)"
+    ),
+}
 
 
 def pack_state(
     *,
     step: int,
     names: list[str],
+    base: torch.optim.Optimizer,
     settings: Mapping[str, Any],
     recalibrator: Recalibrator | None,
     batches: BatchSource | None,
     history: History,
+    nonfinite: NonFiniteSteps,
 ) -> dict[str, Any]:
     """The ``"layerwise"`` entry: the engine's own data and each component's state dict."""
     return {
         "version": FORMAT_VERSION,
         "step": step,
         "group_names": list(names),
+        "base": describe(base),
         "settings": dict(settings),
         "recalibrator": None if recalibrator is None else recalibrator.state_dict(),
         "batches": None if batches is None else batches.state_dict(),
         "history": history.state_dict(),
+        "nonfinite": nonfinite.state_dict(),
     }
 
 
@@ -77,13 +105,17 @@ def load_state(
     recalibrator: Recalibrator | None,
     batches: BatchSource | None,
     history: History,
+    nonfinite: NonFiniteSteps,
 ) -> int:
-    """Check ``state_dict`` (the engine's own entries and each component's), then load it
-    into ``base`` and the components; return the saved step. On error nothing changes.
+    """Check ``state_dict`` (the engine's own entries, each component's, and whether it
+    fits ``base``), then load it into ``base`` and the components; return the saved step.
+    On error nothing changes.
 
     A checkpoint saved without ``batches=`` resumes a source from draw 0; one saved with
     it, into an engine without, has its count checked and not used."""
     entry = _check_entry(state_dict, names)
+    check_fits(entry["base"], state_dict, base, names)
+    counts = NonFiniteSteps.check_state_dict(entry["nonfinite"])
     saved, own = entry["recalibrator"], recalibrator
     if (saved is None) != (own is None):
         raise ValueError(
@@ -109,6 +141,7 @@ def load_state(
     for group in base.param_groups:
         group[MULTIPLIER_KEY] = float(group.get(MULTIPLIER_KEY, 1.0))
     history.load_state_dict(entry["history"])
+    nonfinite.load_state_dict(counts)
     if batches is not None:
         batches.load_state_dict(entry["batches"] or {"drawn": 0})
     return entry["step"]
@@ -127,14 +160,16 @@ def _check_entry(state_dict: Any, names: list[str]) -> dict[str, Any]:
     entry = state_dict[ENGINE_KEY]
     if not isinstance(entry, Mapping):
         raise ValueError(f"{_WHERE} must be a mapping, got {entry!r:.80}")
+    version = entry.get("version", FORMAT_VERSION)  # a missing version is named below
+    if version != FORMAT_VERSION:
+        note = _OLD.get(version, "") if isinstance(version, int) else ""
+        raise ValueError(
+            f"{_WHERE} has version {version!r}, this engine reads version {FORMAT_VERSION}{note}"
+        )
     missing = [k for k in _KEYS if k not in entry]
     unknown = sorted(map(str, set(entry) - set(_KEYS)))
     if missing or unknown:
         raise ValueError(f"{_WHERE}: missing keys {missing}, unknown {unknown}")
-    if entry["version"] != FORMAT_VERSION:
-        raise ValueError(
-            f"{_WHERE} has version {entry['version']!r}, this engine reads version {FORMAT_VERSION}"
-        )
     entry = dict(entry)
     try:
         entry["step"] = check_int(f"{_WHERE}['step']", entry["step"], minimum=0)

@@ -1,14 +1,16 @@
-"""The recalibration log: one row per group per recalibration, kept in memory.
+"""The recalibration log: one row per group per recalibration (and per skipped step).
 
 Columns (:data:`HISTORY_COLUMNS`): ``step`` (optimizer steps taken when the recalibration
-ran), ``group``, ``multiplier`` (the new one), ``previous_multiplier``, ``base_lr`` (the
-scheduler's rate at that moment), ``effective_lr`` (``base_lr * multiplier``, the rate of
-the next step), ``reason`` (the controller's, or why the recalibration was skipped),
-``fallback`` (whether the controller fell back to uniform), ``event`` (the controller's
-event line, or ``None``), ``skipped`` (``True`` when the engine skipped the recalibration,
-e.g. on non-finite gradients, and kept the multipliers), then the estimate of the group
-(the columns of :meth:`layerwise.sensitivity.SensitivityReport.to_frame` after ``group``;
-``NaN`` where not measured) and ``estimate_seconds``.
+ran, or when a step was skipped), ``group``, ``multiplier`` (the new one),
+``previous_multiplier``, ``base_lr`` (the scheduler's rate at that moment), ``effective_lr``
+(``base_lr * multiplier``, the rate of the next step), ``reason`` (the controller's, or why
+something was skipped), ``fallback`` (whether the controller fell back to uniform),
+``event`` (the controller's event line, or ``None``), ``skipped`` (``True`` when the engine
+skipped something: a base step on non-finite gradients, whose rows carry the reason, the
+event and the fallback; or a recalibration, e.g. after ``GradScaler`` found non-finite
+gradients, which keeps the multipliers), then the estimate of the group (the columns of
+:meth:`layerwise.sensitivity.SensitivityReport.to_frame` after ``group``; ``NaN`` where not
+measured) and ``estimate_seconds``.
 
 Rows are plain dicts of Python scalars, so they go into a checkpoint as they are
 (:meth:`History.state_dict`). Writing them to a file is a callback's job (the engine's

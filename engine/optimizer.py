@@ -18,12 +18,22 @@ per-group schedules and static factors are :class:`layerwise.policies.LayerwiseL
 the rate of a step is ``initial_lr * factor * schedule(t) * multiplier``. The engine is a
 ``torch.optim.Optimizer`` by type only, so that torch schedulers accept it.
 
+Non-finite gradients never reach the parameters. Before every base step the gradients of
+the wrapped groups are checked (one fused pass, one host synchronisation; see
+:mod:`layerwise.engine.nonfinite`); a NaN or an inf skips the step as ``GradScaler`` does
+(nothing changes, the step is not counted), counts it (:attr:`nonfinite_steps`), logs it in
+:attr:`history`, and sends the controller to its uniform fallback; ``max_nonfinite_steps``
+skips in a row raise :class:`layerwise.engine.NonFiniteGradientError`. With a closure the
+gradients are checked as the closure returns them, and a non-finite one stops the base step
+there (before any update, for the optimizers that evaluate the closure first, as SGD and Adam
+do).
+
 A step skipped by ``torch.amp.GradScaler`` (infinite gradients) never reaches ``step()``:
 it is not counted, and a recalibration that falls due is made at the next step taken, on
 finite gradients. For base optimizers that handle scaling themselves (fused Adam/AdamW,
-``_step_supports_amp_scaling``), the scaler's ``found_inf`` is forwarded and a due
-recalibration is skipped when it is set. Without a scaler, non-finite gradients at a due
-recalibration skip it too. A skip keeps the multipliers and is logged in :attr:`history`.
+``_step_supports_amp_scaling``), the scaler's ``found_inf`` is forwarded, the scaler (not
+the engine) skips, and a due recalibration is skipped when it is set; such a skip keeps the
+multipliers and is logged in :attr:`history`.
 """
 
 from __future__ import annotations
@@ -46,7 +56,14 @@ from layerwise.engine.multipliers import (
     restore_multipliers,
 )
 from layerwise.engine.naming import name_groups
-from layerwise.engine.recalibration import Recalibration, Recalibrator
+from layerwise.engine.nonfinite import (
+    DEFAULT_MAX_NONFINITE_STEPS,
+    NonFiniteInClosure,
+    NonFiniteSteps,
+    checked_closure,
+    nonfinite_groups,
+)
+from layerwise.engine.recalibration import Recalibration, Recalibrator, skip_rows
 from layerwise.policies.schedule_base import check_int
 
 if TYPE_CHECKING:
@@ -90,10 +107,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             checked here; the engine owns ``groups``, ``generator`` and ``seed``
             (:func:`layerwise.engine.options.estimator_options`).
         callback: ``callback(record)`` with a :class:`layerwise.engine.Recalibration`
-            (``step``, ``rows``, ``decision``, ``report``) after each recalibration, a
-            TensorBoard ``SummaryWriter``, or a list of those
+            (``step``, ``rows``, ``decision``, ``report``) after each recalibration and each
+            skipped step, a TensorBoard ``SummaryWriter``, or a list of those
             (:mod:`layerwise.engine.callbacks`).
         seed: seed of the probe generator (the same on every rank under DDP).
+        max_nonfinite_steps: int >= 1, how many steps in a row may have non-finite
+            gradients (each skipped) before :class:`layerwise.engine.NonFiniteGradientError`
+            (default :data:`layerwise.engine.nonfinite.DEFAULT_MAX_NONFINITE_STEPS` = 10).
 
     Removed: ``schedule=`` and ``factors=`` (use :class:`layerwise.policies.LayerwiseLR`),
     ``history=`` (use ``callback=HistoryFile(path)`` from ``layerwise.experiments``); each
@@ -125,6 +145,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         estimator: EstimateOptions | Mapping[str, Any] | None = None,
         callback: Any = None,
         seed: int = 0,
+        max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
         **removed: Any,
     ) -> None:
         for key in removed:
@@ -142,6 +163,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.recalibrate_every = check_int("recalibrate_every", recalibrate_every, minimum=1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         check_int("seed", seed, minimum=0)
+        nonfinite = NonFiniteSteps(max_nonfinite_steps)
         # Everything is checked before anything is written into the user's optimizer.
         self._names = name_groups(optimizer.param_groups, assign=False)
         multipliers = [
@@ -159,6 +181,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for group, m in zip(optimizer.param_groups, multipliers, strict=True):
             group[MULTIPLIER_KEY] = m
         self._history = History()
+        self._nonfinite = nonfinite
         self._step = 0
         self._backups: dict[int, torch.Tensor] = {}
 
@@ -226,20 +249,52 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if closure is None and callable(batch):
             batch, closure = None, batch
         found_inf = self.__dict__.get("found_inf")
-        if found_inf is not None:  # forwarded from GradScaler for fused base optimizers
+        nonfinite = None
+        if found_inf is None:  # else GradScaler checked the gradients and skips for us
+            if closure is None:
+                nonfinite = nonfinite_groups(self.base.param_groups)
+                if nonfinite is not None:
+                    return self._skip(nonfinite)
+            else:
+                closure = checked_closure(closure, self.base.param_groups)
+        else:  # forwarded from GradScaler for fused base optimizers
             self.base.grad_scale = self.__dict__.get("grad_scale")  # type: ignore[attr-defined]
             self.base.found_inf = found_inf  # type: ignore[attr-defined]
         saved = apply_multipliers(self.base.param_groups, self._backups)
         try:
             loss = self.base.step() if closure is None else self.base.step(closure)
+        except NonFiniteInClosure as stop:
+            nonfinite = stop.groups
         finally:
             restore_multipliers(saved)
             if found_inf is not None:
                 del self.base.grad_scale, self.base.found_inf  # type: ignore[attr-defined]
+        if nonfinite is not None:
+            return self._skip(nonfinite)
+        if found_inf is None:
+            self._nonfinite.taken()
         self._step += 1
         if self._recalibrator is not None and self._due(self._step):
             self._recalibrate(batch, found_inf)
         return loss
+
+    def _skip(self, groups: list[int]) -> None:
+        """Account for a step skipped on non-finite gradients in ``groups`` (indices; empty:
+        on another rank): count, fall back, log; raise when too many came in a row."""
+        counts = self._nonfinite
+        counts.skipped()
+        names = [self._names[i] for i in groups]
+        why = counts.why(names, self._step)
+        reason = f"skipped: {why}; base step skipped"
+        if self._recalibrator is not None:
+            record = self._recalibrator.fall_back(reason, why, self._step)
+        else:
+            rows = skip_rows(self.base.param_groups, self._step, reason,
+                             event=f"{why}: base step skipped")  # fmt: skip
+            record = Recalibration(self._step, rows, None, None)
+        self._log(record)
+        if counts.exhausted:
+            raise counts.error(names, self._step, self.get_last_lr())
 
     def _due(self, s: int) -> bool:
         return s >= self.warmup_steps and (s - self.warmup_steps) % self.recalibrate_every == 0
@@ -306,8 +361,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     @property
     def steps(self) -> int:
-        """Optimizer steps taken through the engine."""
+        """Optimizer steps taken through the engine (skipped ones not counted)."""
         return self._step
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped on non-finite gradients over the run (checkpointed)."""
+        return self._nonfinite.total
 
     @property
     def controller(self) -> Any:
@@ -332,20 +392,33 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         plus the engine's state under the key ``"layerwise"``, composed from its
         components' state dicts (see :mod:`layerwise.engine.checkpoint`)."""
         state = self.base.state_dict()
-        state[ENGINE_KEY] = pack_state(step=self._step, names=self._names, **self._parts())
+        state[ENGINE_KEY] = pack_state(
+            step=self._step, names=self._names, base=self.base, **self._parts()
+        )
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Validate and load a :meth:`state_dict`; on error nothing is changed."""
+        """Validate and load a :meth:`state_dict`; on error nothing is changed.
+
+        Checked first: the engine's entries, and that the checkpoint fits the wrapped
+        optimizer (its class, the groups, each parameter's shape, the per-parameter state
+        keys; :mod:`layerwise.engine.base_state`). Each mismatch is a ``ValueError`` naming
+        it. A checkpoint of an older format is refused with its version named
+        (:mod:`layerwise.engine.checkpoint`)."""
         self._step = load_state(state_dict, base=self.base, names=self._names, **self._parts())
         if self._recalibrator is not None:
             self._recalibrator.refresh_mapping()
 
     def _parts(self) -> dict[str, Any]:
-        settings = {"recalibrate_every": self.recalibrate_every, "warmup_steps": self.warmup_steps}
+        settings = {
+            "recalibrate_every": self.recalibrate_every,
+            "warmup_steps": self.warmup_steps,
+            "max_nonfinite_steps": self._nonfinite.limit,
+        }
         return {
             "settings": settings,
             "recalibrator": self._recalibrator,
             "batches": self._source,
             "history": self._history,
+            "nonfinite": self._nonfinite,
         }

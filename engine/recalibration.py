@@ -2,11 +2,11 @@
 
 Order of a recalibration after step ``s`` (:meth:`Recalibrator.run`):
 
-1. **Gradient check.** The gradients the step just used must be finite (and a forwarded
-   ``GradScaler`` ``found_inf`` zero); otherwise the recalibration is skipped, the
-   multipliers are kept, and the skip is logged. Under DDP the verdict is and-ed over ranks.
-   Like the estimator's one transfer and the history's rates, it synchronises host and
-   device; the engine does so only during a recalibration, never between them.
+1. **Gradient check.** A forwarded ``GradScaler`` ``found_inf`` must be zero; otherwise the
+   recalibration is skipped, the multipliers are kept, and the skip is logged. Under DDP
+   the verdict is and-ed over ranks. (Without a scaler, a step with non-finite gradients
+   never gets here: the engine skips it before the base step, see
+   :mod:`layerwise.engine.nonfinite`, and :meth:`Recalibrator.fall_back` records it.)
 2. **Estimate.** :func:`layerwise.sensitivity.estimate` on the model (unwrapped from DDP or
    ``torch.compile``) with the groups ``{group name: [parameter names]}``, the engine's
    probe generator (seeded with ``seed``, advanced by each estimate, checkpointed) and the
@@ -33,7 +33,7 @@ from layerwise.engine.naming import parameter_mapping, unwrap_model
 from layerwise.engine.options import estimator_options, make_controller, samples_behind
 from layerwise.policies.schedule_base import check_int
 
-__all__ = ["Recalibration", "Recalibrator"]
+__all__ = ["Recalibration", "Recalibrator", "skip_rows"]
 
 
 class _OneBatch:
@@ -112,17 +112,10 @@ class Recalibrator:
         decision = self.controller.update(report, step=step)
         return Recalibration(step, self.apply(decision, report, step), decision, report)
 
-    def _gradients_finite(self, found_inf: torch.Tensor | None) -> tuple[bool, str]:
+    @staticmethod
+    def _gradients_finite(found_inf: torch.Tensor | None) -> tuple[bool, str]:
         if found_inf is not None and bool(found_inf.ne(0).any()):
             return False, "GradScaler found non-finite gradients"
-        flags = [
-            torch.isfinite(p.grad).all()
-            for g in self.optimizer.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        ]
-        if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
-            return False, "non-finite gradients"
         return True, ""
 
     def _estimate(self, batch: Any, ddp: Any) -> Any:
@@ -193,13 +186,25 @@ class Recalibrator:
         return rows
 
     def _skip_rows(self, step: int, reason: str) -> list[dict[str, Any]]:
-        rows = []
-        for group in self.optimizer.param_groups:
-            if group["name"] in self.mapping:
-                row = _lr_row(group, step, group[MULTIPLIER_KEY])
-                row.update(reason=reason, fallback=False, event=None, skipped=True)
-                rows.append(row)
-        return rows
+        groups = [g for g in self.optimizer.param_groups if g["name"] in self.mapping]
+        return skip_rows(groups, step, reason)
+
+    def fall_back(self, reason: str, why: str, step: int) -> Recalibration:
+        """The controller falls back to the uniform rate for ``why`` (its
+        ``fall_back(why, step=...)``, where it has one) and every group of the mapping goes
+        to multiplier 1 now; the rows are ``skipped`` with ``reason``, for a base step the
+        engine skipped (:mod:`layerwise.engine.nonfinite`)."""
+        decision = None
+        fall_back = getattr(self.controller, "fall_back", None)
+        if callable(fall_back):
+            decision = fall_back(why, step=step)
+        event = getattr(decision, "event", None) or f"fallback: {why}"
+        groups = [g for g in self.optimizer.param_groups if g["name"] in self.mapping]
+        previous = [g[MULTIPLIER_KEY] for g in groups]
+        for group in groups:
+            group[MULTIPLIER_KEY] = 1.0
+        rows = skip_rows(groups, step, reason, event=event, fallback=True, previous=previous)
+        return Recalibration(step, rows, decision, None)
 
     def observe_validation(self, value: Any, step: int) -> Recalibration | None:
         """Pass ``value`` (averaged over ranks under DDP) to the controller; a fallback it
@@ -268,6 +273,25 @@ class Recalibrator:
         self.controller.load_state_dict(state["controller"])
         self.generator.set_state(state["generator"].clone())
         self.seed = int(state["seed"])
+
+
+def skip_rows(
+    groups: list[dict[str, Any]],
+    step: int,
+    reason: str,
+    *,
+    event: str | None = None,
+    fallback: bool = False,
+    previous: list[float] | None = None,
+) -> list[dict[str, Any]]:
+    """History rows for something the engine skipped, one per group of ``groups``, at their
+    current multipliers (``previous``: the multipliers before, default the same)."""
+    rows = []
+    for i, group in enumerate(groups):
+        row = _lr_row(group, step, group[MULTIPLIER_KEY] if previous is None else previous[i])
+        row.update(reason=reason, fallback=fallback, event=event, skipped=True)
+        rows.append(row)
+    return rows
 
 
 def _lr_row(group: Mapping[str, Any], step: int, previous: float) -> dict[str, Any]:

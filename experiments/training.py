@@ -18,7 +18,9 @@
    appends a row to ``metrics.csv``/``metrics.jsonl`` (validation loss and metric, per-group
    rates, multipliers, gradient norms and the optional sensitivity monitor; see
    :mod:`layerwise.experiments.evaluation`). A non-finite training or validation loss stops
-   the run as "diverged".
+   the run as "diverged", and so does the engine's
+   :class:`layerwise.engine.NonFiniteGradientError` (too many steps in a row with non-finite
+   gradients, each skipped), after one more evaluation row.
 3. :func:`_write_logs` writes ``recalibrations.csv`` (the engine's history, when there is
    one) and ``events.csv``; :func:`_summary` returns the summary. The test split is
    evaluated once, after the last step, and only for final runs.
@@ -35,6 +37,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from layerwise.engine import NonFiniteGradientError
 from layerwise.experiments.atomic import atomic_write
 from layerwise.experiments.evaluation import Evaluator, MeanLoss, SensitivityMonitor
 from layerwise.experiments.manifest import build_manifest, write_manifest
@@ -178,7 +181,13 @@ def _train(spec: RunSpec, run: _Run, evaluate: Evaluator, run_dir: Path):
         run.opt.zero_grad(set_to_none=True)
         loss = run.task.loss_fn(run.model, batch)
         loss.backward()
-        run.opt.step(batch)
+        try:
+            run.opt.step(batch)
+        except NonFiniteGradientError:
+            losses.add(loss)
+            rows.append(evaluate(step, batches.epoch, losses))
+            _write_metrics(run_dir, rows)
+            return rows, "diverged"
         run.scheduler.step()
         losses.add(loss)
         if step % budget.eval_every == 0 or step == budget.steps:

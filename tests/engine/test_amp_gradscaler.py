@@ -1,6 +1,6 @@
-"""Mixed precision: bfloat16 autocast on CPU works; a GradScaler step with infinities (or any
-step with non-finite gradients) skips the recalibration and keeps the multipliers; the
-estimator sees unscaled gradients."""
+"""Mixed precision: bfloat16 autocast on CPU works; a GradScaler step with infinities skips
+the recalibration and keeps the multipliers; without a scaler, a step with non-finite
+gradients is skipped by the engine itself; the estimator sees unscaled gradients."""
 
 from __future__ import annotations
 
@@ -105,14 +105,17 @@ def test_fused_optimizer_found_inf_skips_recalibration():
     assert not hasattr(opt.base, "found_inf")
 
 
-def test_non_finite_gradients_without_scaler_skip_recalibration():
+def test_non_finite_gradients_without_scaler_skip_the_step_and_the_recalibration():
     net = mlp(dropout=0.0)
-    opt = _engine(net, torch.optim.SGD(named_groups(net), lr=0.0), every=1)
+    opt = _engine(net, torch.optim.SGD(named_groups(net), lr=0.1), every=1)
     batch = data(1)[0]
     opt.zero_grad()
     loss_fn(net, batch).backward()
     net[0].bias.grad[0] = math.nan
+    params = [p.detach().clone() for p in net.parameters()]
     opt.step(batch)
+    assert all(torch.equal(p, q) for p, q in zip(params, net.parameters(), strict=True))
+    assert opt.steps == 0 and opt.nonfinite_steps == 1
     history = opt.history
     assert history["skipped"].all() and (history["multiplier"] == 1.0).all()
     assert history["reason"].str.startswith("skipped: non-finite gradients").all()

@@ -176,7 +176,7 @@ def test_missing_engine_keys_are_named():
         (("layerwise", "group_names"), 5, r"\['group_names'\] must be a list"),
         (("param_groups", 0), 5, r"\['param_groups'\]\[0\] must be a mapping"),
         (("layerwise", "step"), "5", r"\['step'\] must be an integer, got '5'"),
-        (("layerwise", "version"), 1, "has version 1, this engine reads version 2"),
+        (("layerwise", "version"), 1, "has version 1, this engine reads version 3"),
         (("layerwise", "history"), {"rows": [{"colour": 1}]}, r"unknown columns \['colour'\]"),
         (("layerwise", "batches"), {"drawn": -1}, r"\['drawn'\] must be an integer >= 0, got -1"),
         (("layerwise", "batches"), {"drawn": 1.5}, r"\['drawn'\] must be an integer, got 1.5"),

@@ -74,6 +74,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
         other = _engine(model, net, callback=lambda rec: two_batch.append(rec.report.to_dict()),
                         estimator=TWO_BATCH)  # fmt: skip
         _train(model, net, other, rank)
+        skip = _skip_on_one_rank(model, net, rank)
         torch.save(
             {
                 "params": params,
@@ -81,11 +82,30 @@ def _worker(rank: int, port: int, folder: str) -> None:
                 "reports": reports,
                 "two_batch": two_batch,
                 "history": opt.history.drop(columns="estimate_seconds"),
+                "skip": skip,
             },
             f"{folder}/rank{rank}.pt",
         )
     finally:
         dist.destroy_process_group()
+
+
+def _skip_on_one_rank(model, net, rank: int) -> dict:
+    """A NaN in rank 1's gradient only (after DDP's all-reduce): both ranks skip the step."""
+    opt = _engine(model, net)
+    x, y = _batches()[0]
+    batch = x[rank * HALF : (rank + 1) * HALF], y[rank * HALF : (rank + 1) * HALF]
+    opt.zero_grad()
+    loss_fn(model, batch).backward()
+    if rank == 1:
+        net[0].bias.grad[0] = math.nan
+    kept = [p.detach().clone() for p in net.parameters()]
+    opt.step(batch)
+    return {
+        "unchanged": all(torch.equal(a, b) for a, b in zip(kept, net.parameters(), strict=True)),
+        "counts": (opt.steps, opt.nonfinite_steps),
+        "reason": opt.history["reason"].iloc[0],
+    }
 
 
 def _free_port() -> int:
@@ -108,6 +128,10 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path):
     assert [_strip(r) for r in r0["reports"]] == [_strip(r) for r in r1["reports"]]
     pd.testing.assert_frame_equal(r0["history"], r1["history"])
     assert (r0["history"]["multiplier"] != 1.0).any()  # the controller did adapt
+    assert r0["skip"]["unchanged"] and r1["skip"]["unchanged"]
+    assert r0["skip"]["counts"] == r1["skip"]["counts"] == (0, 1)
+    assert r0["skip"]["reason"].startswith("skipped: non-finite gradients in another rank")
+    assert r1["skip"]["reason"].startswith("skipped: non-finite gradients in group(s) fc0")
 
     assert [_strip(r) for r in r0["two_batch"]] == [_strip(r) for r in r1["two_batch"]]
     for report in r0["two_batch"]:

@@ -136,18 +136,26 @@ def test_new_group_starts_at_multiplier_one_and_joins_recalibration():
 
 
 def test_skipped_recalibration_reaches_the_callback_without_a_decision():
+    """GradScaler skips a fused optimizer's step (``found_inf``), so the engine skips the
+    recalibration that fell due."""
     net = mlp(dropout=0.0)
     seen, writer = [], _Writer()
-    opt = _engine(net, callback=[seen.append, writer])
+    controller = SensitivityController("trust_ratio", alpha=1.0, max_rel_stderr=math.inf)
+    base = torch.optim.Adam(named_groups(net), lr=0.01, fused=True)
+    opt = LayerwiseOptimizer(
+        base, model=net, loss_fn=loss_fn, controller=controller, recalibrate_every=1,
+        estimator=ESTIMATOR, callback=[seen.append, writer],
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     batch = data(1)[0]
     opt.zero_grad()
-    loss_fn(net, batch).backward()
+    scaler.scale(loss_fn(net, batch)).backward()
     next(net.parameters()).grad[0, 0] = math.inf
-    opt.step(batch)
+    scaler.step(opt, batch)
     (record,) = seen
     assert record.decision is None and record.report is None and record.step == 1
     assert [row["skipped"] for row in record.rows] == [True, True, True]
-    assert record.rows[0]["reason"].startswith("skipped: non-finite gradients")
+    assert record.rows[0]["reason"].startswith("skipped: GradScaler found non-finite gradients")
     assert writer.scalars == []  # nothing was decided, so nothing is logged as a scalar
 
 

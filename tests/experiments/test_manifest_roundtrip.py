@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -165,3 +166,28 @@ def test_a_diverging_run_finishes_as_diverged(tmp_path):
     assert summary["status"] == "diverged" and summary["steps"] < 40
     assert "test_metric" in summary, "a final run still reports its (poor) test result"
     assert (tmp_path / "metrics.csv").is_file()
+
+
+def test_a_run_whose_gradients_stay_non_finite_finishes_as_diverged(tmp_path):
+    """No evaluation falls within the run's first steps, so it is the engine that stops it:
+    ten skipped steps in a row (NonFiniteGradientError), then one more evaluation row."""
+    spec = RunSpec(
+        kind="final",
+        task="digits_mlp",
+        task_label="digits_mlp",
+        policy="curvature",
+        setting="default",
+        seed=0,
+        lr=1e6,
+        policy_spec=resolve_policy("curvature", {"recalibrate_every": 2, "warmup_steps": 2}),
+        overrides={"steps": 40, "eval_every": 40, "batch_size": 16, "optimizer": "sgd"},
+        monitor={"probes": 0},
+    )
+    summary = execute(spec, tmp_path)
+    assert summary["status"] == "diverged" and summary["steps"] == 12
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(metrics["step"]) == [0, 12]
+    events = pd.read_csv(tmp_path / "events.csv")
+    assert events["skipped"].sum() == 10 and (events["step"] == 2).all()
+    assert events["event"].iloc[-1].startswith("fallback: non-finite gradients in group(s)")
+    assert events["event"].iloc[-1].endswith("after step 2 (10 in a row, 10 in all)")
