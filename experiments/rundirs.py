@@ -119,7 +119,7 @@ def lock(out: Path) -> Iterator[None]:
     me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # as open()
         except FileExistsError:
             try:
                 host, pid = path.read_text().split()
