@@ -118,6 +118,6 @@ def run(args: argparse.Namespace) -> int:
     for run_id, message in result.failed:
         print(f"  failed {run_id}: {message}", file=sys.stderr)
     if result.report is not None:
-        print(text_summary(args.out))
+        print(text_summary(args.out, allow_incomplete=bool(result.failed)))
         print(f"report: {result.report}")
     return 1 if result.failed else 0
