@@ -47,12 +47,12 @@ def resolve_config_path(text: str) -> Path:
     if path.is_file():
         return path
     if "/" not in text and not text.endswith(".toml"):
-        bundled = resources.files("experiments") / "configs" / f"{text}.toml"
+        bundled = resources.files("layerwise.experiments") / "configs" / f"{text}.toml"
         if bundled.is_file():
             return Path(str(bundled))
     names = sorted(
         p.name[:-5]
-        for p in (resources.files("experiments") / "configs").iterdir()
+        for p in (resources.files("layerwise.experiments") / "configs").iterdir()
         if p.name.endswith(".toml")
     )
     raise UsageError(f"config {text!r} is neither a file nor a bundled config ({', '.join(names)})")
