@@ -4,7 +4,8 @@ Every subcommand lives in :mod:`layerwise.experiments.commands` as a module with
 ``register(subparsers)`` (adds its parser and sets ``func``) and a ``run(args) -> int``.
 Errors a user can act on (``ValueError``, ``TypeError``, :class:`CLIError`, a missing
 optional dependency) become one line on stderr and a non-zero exit code (2 for usage
-errors); ``--debug`` shows the traceback.
+errors), followed by one indented line per item when the error lists several (each
+missing run of ``layerwise report``); ``--debug`` shows the traceback.
 
 Like ``python -m``, the command puts the current folder first on ``sys.path``, so
 ``--model mymodule:factory`` finds the user's ``mymodule.py`` without ``PYTHONPATH``. Our
@@ -68,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = getattr(exc, "exit_code", 2 if not isinstance(exc, CLIError) else 1)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"layerwise {args.command}: error: {message}", file=sys.stderr)
+        for line in getattr(exc, "details", ()):  # e.g. each missing run of a report
+            print(f"  {line}", file=sys.stderr)
         return code
     except ImportError as exc:
         if args.debug or missing_extra(exc) is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CLIError", "UsageError", "first_line"]
+__all__ = ["CLIError", "IncompleteResultsError", "UsageError", "first_line"]
 
 
 class CLIError(Exception):
@@ -15,6 +15,25 @@ class UsageError(CLIError):
     """Bad arguments or bad input; printed as one line, exit code 2."""
 
     exit_code = 2
+
+
+class IncompleteResultsError(CLIError, ValueError):
+    """A results folder misses planned runs or holds unreadable files.
+
+    ``problems`` has one line per incomplete run or bad file, each naming it (a path
+    relative to the results folder); the message's first line summarises them, and the
+    command line prints the list below it (:attr:`details`). A ``ValueError`` for library
+    callers, a :class:`CLIError` (exit code 1) for the command line.
+    """
+
+    def __init__(self, summary: str, problems: list[str]) -> None:
+        super().__init__(summary)
+        self.problems = list(problems)
+
+    @property
+    def details(self) -> list[str]:
+        """The lines the command line prints under its one-line error."""
+        return self.problems
 
 
 def first_line(exc: BaseException) -> str:

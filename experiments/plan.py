@@ -26,7 +26,7 @@ from typing import Any
 
 from layerwise.experiments.config import AblationConfig, substitute_budget
 
-__all__ = ["RunSpec", "choose_lr", "final_specs", "lr_grid", "tuning_specs"]
+__all__ = ["RunSpec", "choose_lr", "final_specs", "lr_grid", "planned_run_ids", "tuning_specs"]
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,16 @@ def final_specs(
                 )
             )
     return out
+
+
+def planned_run_ids(config: AblationConfig) -> list[str]:
+    """The run id of every run ``config`` plans: the tuning runs, then the final runs. A
+    final run's id does not depend on the rate its tuning chooses, so the whole list is
+    known before any run has finished (``layerwise report`` checks it against the
+    results folder)."""
+    ids = [spec.run_id for spec in tuning_specs(config)]
+    any_rate = {key: grid[0] for key, grid in lr_grid(config).items()}  # ids ignore the rate
+    return ids + [spec.run_id for spec in final_specs(config, any_rate)]
 
 
 def choose_lr(results: Iterable[tuple[float, float, float]]) -> tuple[float, dict[float, dict]]:

@@ -6,8 +6,11 @@ draws the figures (:mod:`layerwise.experiments.plots`) into ``figures/`` and wri
 the verdicts at a glance with a forest plot, how the runs were made (tuning, test
 protocol, statistics), one section per task with its table, curves, per-group rate
 trajectories and sensitivity heat maps, the chosen rates, the fallback events, and any
-missing or failed runs. Every file is written atomically; rerunning it on the same
-results gives the same report.
+missing or failed runs. A results folder that misses planned runs or holds damaged files
+raises :class:`~layerwise.experiments.errors.IncompleteResultsError` listing them, unless
+``allow_incomplete=True``: the report then says at the top that it is incomplete and lists
+every missing run and bad file in its last section. Every file is written atomically;
+rerunning it on the same results gives the same report.
 """
 
 from __future__ import annotations
@@ -106,14 +109,15 @@ def render_report(results: Results, out: Path, figures: bool = True) -> str:
     table = summarise(results.finals, results.policy_order)
     lines = _header(results, out)
     if table.empty:
-        return "\n".join([*lines, "No final run has finished yet; nothing to compare.", ""])
+        lines += ["No final run has finished yet; nothing to compare.", ""]
+        return "\n".join([*lines, *_missing_section(results)]).rstrip() + "\n"
     lines += _glance(table, out, figures)
     lines += _method()
     for (task, setting), cell in table.groupby(["task", "setting"], sort=False):
         lines += _task_section(results, task, setting, cell, out, figures)
     lines += _tuning_section(results)
     lines += _events_section(results)
-    lines += _missing_section(results, out)
+    lines += _missing_section(results)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -122,14 +126,23 @@ def _header(results: Results, out: Path) -> list[str]:
     meta = results.meta
     n_tune = 0 if results.runs.empty else int((results.runs["kind"] == "tune").sum())
     versions = meta.get("versions", {})
-    return [
+    planned = "" if results.planned is None else f" of {results.planned} planned"
+    lines = [
         f"# Ablation report: {meta.get('name', out.name)}",
         "",
         f"Config hash `{meta.get('config_hash', 'unknown')[:12]}` · {len(results.finals)} final "
-        f"runs and {n_tune} tuning runs finished · layerwise-lr "
+        f"runs and {n_tune} tuning runs finished{planned} · layerwise-lr "
         f"{versions.get('layerwise-lr', '?')}, torch {versions.get('torch', '?')}.",
         "",
     ]
+    if results.problems:
+        lines += [
+            f"**Incomplete:** {len(results.problems)} missing or unreadable run(s) or file(s) "
+            "(listed in the last section) are left out of every table and figure; the "
+            "verdicts may change once they are in.",
+            "",
+        ]
+    return lines
 
 
 def _glance(table: pd.DataFrame, out: Path, figures: bool) -> list[str]:
@@ -271,29 +284,39 @@ def _events_section(results: Results) -> list[str]:
     return [*lines, ""]
 
 
-def _missing_section(results: Results, out: Path) -> list[str]:
-    errors = sorted((out / "errors").glob("*.txt")) if (out / "errors").is_dir() else []
-    finished = set(results.runs["run_id"]) if not results.runs.empty else set()
-    failed = [p.stem for p in errors if p.stem not in finished]
-    if not failed:
+def _missing_section(results: Results) -> list[str]:
+    """Every missing or failed planned run and every unreadable file, one line each."""
+    if not results.problems:
         return []
-    return ["## Failed runs", "", *[f"- `{r}` (see `errors/{r}.txt`)" for r in failed], ""]
+    return [
+        "## Missing or unreadable runs",
+        "",
+        *[f"- {problem}" for problem in results.problems],
+        "",
+    ]
 
 
-def write_report(out: str | Path, figures: bool = True) -> Path:
-    """Write ``out/report.md`` (and ``out/figures/*.png``); return the report's path."""
+def write_report(out: str | Path, figures: bool = True, allow_incomplete: bool = False) -> Path:
+    """Write ``out/report.md`` (and ``out/figures/*.png``); return the report's path.
+    Missing runs or bad files raise, unless ``allow_incomplete`` (module docstring)."""
     out = Path(out)
-    results = load_results(out)
+    results = load_results(out, allow_incomplete=allow_incomplete)
     text = render_report(results, out, figures=figures)
     return write_text(out / "report.md", text)
 
 
-def text_summary(out: str | Path) -> str:
-    """A plain-text table of every policy against uniform (for the terminal)."""
-    results = load_results(Path(out))
+def text_summary(out: str | Path, allow_incomplete: bool = False) -> str:
+    """A plain-text table of every policy against uniform (for the terminal); a last line
+    counts the missing or unreadable runs when ``allow_incomplete`` let them pass."""
+    results = load_results(Path(out), allow_incomplete=allow_incomplete)
     table = summarise(results.finals, results.policy_order)
+    incomplete = (
+        [f"incomplete: {len(results.problems)} missing or unreadable run(s) or file(s) left out"]
+        if results.problems
+        else []
+    )
     if table.empty:
-        return "no finished final runs"
+        return "\n".join(["no finished final runs", *incomplete])
     header = (
         f"{'task':<20} {'policy':<16} {'lr':>8} {'n':>2}  {'test % [95% CI]':<22} "
         f"{'Δ pp [95% CI]':<24} {'p Holm':>7}  verdict"
@@ -314,4 +337,4 @@ def text_summary(out: str | Path) -> str:
             f"{task:<20} {r['policy']:<16} {r['lr']:>8g} {r['n']:>2}  {test:<22} "
             f"{delta:<24} {_fmt(r['p_holm'], 3, 1.0):>7}  {r['verdict']}"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, *incomplete])

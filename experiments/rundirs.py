@@ -24,6 +24,7 @@ import contextlib
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,19 +113,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _holder(path: Path, patience: float = 2.0) -> tuple[str, str] | None:
+    """``(host, pid)`` written in the lock file ``path`` (``None``: it is gone). Its creator
+    writes them just after creating it, so an empty file is waited on for up to
+    ``patience`` seconds before it counts as abandoned (``("", "0")``)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            host, pid = path.read_text().split()
+            return host, pid
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                return "", "0"
+            time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.lock`` while writing; refuse if a live process on this host holds it."""
+    """Hold ``out/.lock`` while writing; refuse if a live process on this host holds it
+    (also one that has created the file and not yet written its pid into it)."""
     path = out / ".lock"
     me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # as open()
         except FileExistsError:
-            try:
-                host, pid = path.read_text().split()
-            except (OSError, ValueError):
-                host, pid = "", "0"
+            holder = _holder(path)
+            if holder is None:  # released meanwhile: try again
+                continue
+            host, pid = holder
             if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
                 raise UsageError(
                     f"{out} is in use by another layerwise process (pid {pid}); wait for it "

@@ -191,7 +191,9 @@ def ablate(
     if report:
         from layerwise.experiments.reporting import write_report
 
-        result.report = write_report(out)
+        # failed runs are listed in the report (and make the command exit 1); anything
+        # else missing or unreadable is an error
+        result.report = write_report(out, allow_incomplete=bool(result.failed))
     return result
 
 

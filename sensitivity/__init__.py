@@ -5,7 +5,13 @@ This package imports nothing else of the project. It takes a model, a loss funct
 ``{group name: [parameter names]}``.
 """
 
-from layerwise.sensitivity.errors import DoubleBackwardError
+from layerwise.sensitivity.errors import (
+    DoubleBackwardError,
+    MetaTensorError,
+    NoGradientPathError,
+    NonFloatingParameterError,
+    NotMeasurableError,
+)
 from layerwise.sensitivity.estimate import estimate
 from layerwise.sensitivity.functional import FunctionalLoss, leaves_no_trace
 from layerwise.sensitivity.groups import GroupIndex, default_groups, resolve_groups
@@ -28,7 +34,11 @@ __all__ = [
     "GroupEstimate",
     "GroupIndex",
     "HessianProduct",
+    "MetaTensorError",
+    "NoGradientPathError",
     "NoiseEstimate",
+    "NonFloatingParameterError",
+    "NotMeasurableError",
     "SensitivityReport",
     "default_groups",
     "draw_probes",

@@ -1,5 +1,20 @@
-"""A clear error for models that cannot be differentiated twice.
+"""Named errors for what the estimators cannot measure.
 
+:class:`NotMeasurableError` (a ``ValueError``) and its kinds are raised before or during
+:func:`layerwise.sensitivity.estimate` instead of returning numbers that mean nothing or
+letting a bare PyTorch message through:
+
+* :class:`NoGradientPathError`: the loss does not depend on any parameter of the groups
+  (computed under ``torch.no_grad()``, detached, or from parameters outside the groups),
+  so its gradient, noise and Hessian trace would all be zeros that measure nothing. A
+  parameter that is merely unused by a loss that does depend on other parameters of the
+  groups is not an error: its quantities are zero, correctly.
+* :class:`MetaTensorError`: the model holds tensors on the ``meta`` device (shapes
+  without data, e.g. a model built under ``torch.device("meta")``).
+* :class:`NonFloatingParameterError`: a parameter named in ``groups`` is not a
+  floating-point tensor (an integer index table, say), which has no gradient.
+
+:class:`DoubleBackwardError` names a layer that cannot be differentiated twice.
 Hessian-vector products need either forward-mode derivatives of the backward pass
 (``jvp`` of ``grad``) or the derivative of the backward pass itself (``vjp`` of
 ``grad``, "double backward"). Some fused kernels have neither, e.g. the flash and
@@ -18,7 +33,15 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["DoubleBackwardError", "failing_operators", "is_double_backward_error"]
+__all__ = [
+    "DoubleBackwardError",
+    "MetaTensorError",
+    "NoGradientPathError",
+    "NonFloatingParameterError",
+    "NotMeasurableError",
+    "failing_operators",
+    "is_double_backward_error",
+]
 
 _PATTERNS = (
     re.compile(r"derivative for (?:aten::)?([\w.]+) is not implemented"),
@@ -36,6 +59,22 @@ ADVICE = (
 
 class DoubleBackwardError(RuntimeError):
     """A layer of the model has no second derivative (see the module docstring)."""
+
+
+class NotMeasurableError(ValueError):
+    """The estimators cannot measure what they were given (see the module docstring)."""
+
+
+class NoGradientPathError(NotMeasurableError):
+    """The loss does not depend on any parameter of the groups."""
+
+
+class MetaTensorError(NotMeasurableError):
+    """The model holds tensors on the ``meta`` device, which have no data."""
+
+
+class NonFloatingParameterError(NotMeasurableError):
+    """A parameter named in the groups is not a floating-point tensor."""
 
 
 def failing_operators(exc: BaseException) -> list[str]:

@@ -31,11 +31,9 @@ from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.probes import make_generator
 from layerwise.sensitivity.report import EstimateCost, SensitivityReport
 from layerwise.sensitivity.runner import Plan, Run
-from layerwise.sensitivity.validation import check_call
+from layerwise.sensitivity.validation import check_call, check_materialized
 
 __all__ = ["estimate"]
-
-Params = dict[str, torch.Tensor]
 
 
 def estimate(
@@ -136,7 +134,14 @@ def estimate(
     products, examples, batches and seconds; host and device synchronise once, at the end
     (and once per chunk when a tolerance is given). Errors: ``ValueError``/``TypeError``
     naming the argument; :class:`layerwise.sensitivity.errors.DoubleBackwardError` naming a module
-    that cannot be differentiated twice. Non-finite losses give non-finite estimates.
+    that cannot be differentiated twice; what cannot be measured raises a
+    :class:`layerwise.sensitivity.errors.NotMeasurableError` (a ``ValueError``):
+    :class:`~layerwise.sensitivity.errors.NoGradientPathError` when the loss of a batch does
+    not depend on any parameter of the groups (detached, computed under ``no_grad``, or from
+    other parameters only; checked from the evaluations the estimate makes anyway, no extra
+    pass), :class:`~layerwise.sensitivity.errors.MetaTensorError` for a model on the
+    ``meta`` device, :class:`~layerwise.sensitivity.errors.NonFloatingParameterError` for an
+    integer parameter named in ``groups``. Non-finite losses give non-finite estimates.
 
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
@@ -165,6 +170,9 @@ def estimate(
         options = options.replace(**settings)
     wanted = options.quantities
     index = resolve_groups(model, groups)
+    devices = list(dict.fromkeys(model.get_parameter(n).device for n in index.params))
+    _check_generator(generator, devices)
+    check_materialized(model)
     batch_statistics = uses_batch_statistics(model)
     plan = Plan(
         index=index,
@@ -198,7 +206,7 @@ def estimate(
     dtype = options.dtype
     with leaves_no_trace(model):
         loss = FunctionalLoss(model, loss_fn, index.params, dtype)
-        gen = _generator(generator, options.seed, loss.values)
+        gen = generator if generator is not None else make_generator(devices[0], options.seed)
         run = Run(plan, loss, gen, model_devices(model), progress, expected)
         for batch in as_batches(batches):
             size = batch_size_of(batch, batch_size)
@@ -219,13 +227,10 @@ def estimate(
     return SensitivityReport(report.groups, cost, recorded)
 
 
-def _generator(generator: torch.Generator | None, seed: int, values: Params) -> torch.Generator:
-    devices = list(dict.fromkeys(v.device for v in values.values()))
-    if generator is None:
-        return make_generator(devices[0], seed)
-    if generator.device not in devices:
+def _check_generator(generator: torch.Generator | None, devices: list[torch.device]) -> None:
+    """A given generator must be on the device of the parameters it draws probes for."""
+    if generator is not None and generator.device not in devices:
         raise ValueError(
             f"generator is on device {generator.device}, but the parameters are on "
             f"{[str(d) for d in devices]}; create it with torch.Generator(device=...)"
         )
-    return generator

@@ -72,6 +72,12 @@ class FunctionalLoss:
 
     ``dtype`` (optional) casts the floating parameters and buffers; the caller casts the
     batch (see :func:`layerwise.sensitivity.batching.cast_batch`).
+
+    ``reached`` becomes ``True`` when an evaluation returns a loss that requires a gradient,
+    i.e. one that depends on the values being differentiated (under ``torch.func``
+    transforms too); the estimator resets it per batch and refuses a batch whose
+    evaluations never reached the parameters
+    (:class:`~layerwise.sensitivity.errors.NoGradientPathError`).
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class FunctionalLoss:
             else:
                 fixed["model." + name] = cast(b).clone()
         self._fixed = fixed
+        self.reached = False
 
     def __call__(self, values: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         full = {"model." + n: v for n, v in values.items()}
@@ -129,6 +136,8 @@ class FunctionalLoss:
                 f"loss_fn must return a scalar (the mean loss over the batch), got a tensor "
                 f"of shape {tuple(loss.shape)}"
             )
+        if loss.requires_grad:  # metadata only: no computation, no host sync
+            self.reached = True
         return loss
 
     def restricted(self, names: Sequence[str]) -> Callable[[dict[str, torch.Tensor], Any], Any]:

@@ -14,6 +14,9 @@ Conventions (decided here, relied upon everywhere else):
   differentiated whether or not the optimizer will update it.
 * Parameters in no group are held constant: they are not differentiated at all, which
   also makes the estimate cheaper.
+* Only floating-point parameters can be named: an integer (or boolean, or complex)
+  parameter has no real gradient and raises
+  :class:`~layerwise.sensitivity.errors.NonFloatingParameterError` naming it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from layerwise.sensitivity.errors import NonFloatingParameterError
 
 __all__ = ["GroupIndex", "default_groups", "resolve_groups"]
 
@@ -132,6 +137,12 @@ def resolve_groups(model: nn.Module, groups: Mapping[str, Iterable[str]] | None)
     index = {g: i for i, g in enumerate(names_in_order)}
     params = tuple(n for n in dict.fromkeys(alias.values()) if n in owner)
     tensors = dict(model.named_parameters())
+    for n in params:
+        if not tensors[n].is_floating_point():
+            raise NonFloatingParameterError(
+                f"groups[{owner[n]!r}] names parameter {n!r} of dtype {tensors[n].dtype}; only "
+                "floating-point parameters have a gradient to measure: leave it out of groups"
+            )
     sizes = [0] * len(names_in_order)
     for n in params:
         sizes[index[owner[n]]] += tensors[n].numel()

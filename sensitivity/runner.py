@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from layerwise.sensitivity.errors import NoGradientPathError
 from layerwise.sensitivity.functional import FunctionalLoss, RngReplay
 from layerwise.sensitivity.gradient_stats import (
     BatchGradStats,
@@ -103,6 +104,7 @@ class Run:
             )
         self.batches += 1
         self.examples += size
+        self.loss.reached = False
         rng = RngReplay(self.devices)
         gradient = self._traces(batch, size, rng) if self.plan.trace else None
         if self.plan.gradient:
@@ -114,6 +116,13 @@ class Run:
             if self.plan.noise:
                 self.stats.append(self._noise(batch, size, gradient))
             self._tick(1)
+        if not self.loss.reached:
+            raise NoGradientPathError(
+                f"the loss of batch {self.batches - 1} does not depend on any parameter of the "
+                f"groups {list(plan.index.names)}: it has no gradient path to them (computed "
+                "under torch.no_grad(), detached, or from parameters outside the groups?), so "
+                "its gradient, noise and Hessian trace cannot be measured"
+            )
 
     def _traces(self, batch: Any, size: int, rng: RngReplay) -> Params:
         plan, index, values = self.plan, self.plan.index, self.loss.values

@@ -8,7 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["QUANTITIES", "check_call", "check_choice", "check_int", "check_quantities"]
+from layerwise.sensitivity.errors import MetaTensorError
+
+__all__ = [
+    "QUANTITIES",
+    "check_call",
+    "check_choice",
+    "check_int",
+    "check_materialized",
+    "check_quantities",
+]
 
 QUANTITIES = ("grad_norm", "grad_variance", "hessian_trace")
 VARIANCE_METHODS = ("auto", "per_example", "micro_batch", "two_batch")
@@ -63,3 +72,17 @@ def check_call(*, model: Any, loss_fn: Any, generator: Any, progress: Any, batch
     for name, value in (("progress", progress), ("batch_size", batch_size)):
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be callable, got {value!r}")
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers are on the ``meta`` device (shapes without
+    data) with :class:`~layerwise.sensitivity.errors.MetaTensorError` naming them."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    meta = [name for name, t in named if t.is_meta]
+    if meta:
+        shown = ", ".join(repr(n) for n in meta[:5]) + (", ..." if len(meta) > 5 else "")
+        raise MetaTensorError(
+            f"model {type(model).__name__} has {len(meta)} tensor(s) on the meta device, which "
+            f"hold no data ({shown}); materialise it first, e.g. model.to_empty(device='cpu') "
+            "and then load_state_dict(...)"
+        )

@@ -47,12 +47,12 @@ def resolve_config_path(text: str) -> Path:
     if path.is_file():
         return path
     if "/" not in text and not text.endswith(".toml"):
-        bundled = resources.files("experiments") / "configs" / f"{text}.toml"
+        bundled = resources.files("layerwise.experiments") / "configs" / f"{text}.toml"
         if bundled.is_file():
             return Path(str(bundled))
     names = sorted(
         p.name[:-5]
-        for p in (resources.files("experiments") / "configs").iterdir()
+        for p in (resources.files("layerwise.experiments") / "configs").iterdir()
         if p.name.endswith(".toml")
     )
     raise UsageError(f"config {text!r} is neither a file nor a bundled config ({', '.join(names)})")
@@ -118,6 +118,6 @@ def run(args: argparse.Namespace) -> int:
     for run_id, message in result.failed:
         print(f"  failed {run_id}: {message}", file=sys.stderr)
     if result.report is not None:
-        print(text_summary(args.out))
+        print(text_summary(args.out, allow_incomplete=bool(result.failed)))
         print(f"report: {result.report}")
     return 1 if result.failed else 0

@@ -3,14 +3,8 @@ half-written ones are redone, a different config is refused (or moved aside, nev
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -19,73 +13,30 @@ from layerwise.experiments.config import load_config
 from layerwise.experiments.errors import UsageError
 from layerwise.experiments.runner import ablate
 
-ROOT = Path(__file__).parents[2]
-TINY = ROOT / "experiments" / "configs" / "tiny.toml"
-
-
-def _finished(out: Path) -> dict[str, tuple[bytes, int]]:
-    """{run id: (done.json bytes, its mtime in ns)} of the finished runs."""
-    return {
-        p.parent.name: (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in (out / "runs").glob("*/done.json")
-    }
-
-
-def _results(done: bytes) -> dict:
-    """A done marker without its timings."""
-    return {k: v for k, v in json.loads(done).items() if not k.endswith("_time")}
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("done") / "out"
-    result = ablate(load_config(TINY), out, progress=False, report=False)
-    assert result.ran == 8 and not result.failed
-    return out
+from .ablations import TINY, TINY_RUNS, start_ablation, wait_for
+from .ablations import finished_runs as _finished
+from .ablations import without_timings as _results
 
 
 @pytest.fixture
-def copy(finished, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(finished, out)
-    return out
+def copy(tiny_copy):
+    return tiny_copy
 
 
 @pytest.mark.slow
 def test_killed_midway_resumes_without_redoing_finished_runs(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "layerwise.experiments.cli",
-            "ablate",
-            str(TINY),
-            "--out",
-            str(out),
-            "--no-report",
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 240
-    while not list((out / "runs").glob("*/done.json")) if (out / "runs").exists() else True:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no run finished in time"
-        time.sleep(0.05)
+    proc = start_ablation(out)
+    wait_for(proc, lambda: bool(list(out.glob("runs/*/done.json"))), "a run finished")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = _finished(out)
-    assert 1 <= len(before) < 8, "killed midway"
+    assert 1 <= len(before) < TINY_RUNS, "killed midway"
     result = ablate(load_config(TINY), out, progress=False, report=False)
     assert not result.failed and result.skipped >= len(before)
-    assert result.ran + result.skipped == 8
+    assert result.ran + result.skipped == TINY_RUNS
     after = _finished(out)
-    assert len(after) == 8
+    assert len(after) == TINY_RUNS
     for run_id, (content, mtime) in before.items():
         assert after[run_id] == (content, mtime), f"{run_id} was redone or changed"
     assert not [p for p in (out / "runs").iterdir() if p.name.startswith(".")]

@@ -13,9 +13,20 @@ import pytest
 from layerwise.experiments.atomic import write_json
 from layerwise.experiments.cli import main
 from layerwise.experiments.comparisons import summarise
+from layerwise.experiments.config import config_hash
 
 PNG = b"\x89PNG\r\n\x1a\n"
 GROUPS = ["layer.0", "head"]
+# The config the synthetic runs belong to: it plans exactly the final runs written below
+# (a single rate, so no tuning run), as `layerwise ablate` would record it.
+CONFIG = {
+    "name": "toy study",
+    "seeds": [0, 1, 2, 3, 4],
+    "tasks": [{"name": "digits_mlp", "label": "toy", "lr_grid": [0.01]}],
+    "policies": {"uniform": {}, "better": {"kind": "uniform"}, "same": {"kind": "uniform"}},
+    "tuning": {"seeds": [100]},
+}
+CONFIG_HASH = config_hash(CONFIG)
 
 
 def _fake_run(runs: Path, policy: str, seed: int, test: float, fallback: bool = False) -> None:
@@ -30,7 +41,7 @@ def _fake_run(runs: Path, policy: str, seed: int, test: float, fallback: bool = 
             "run_id": run_id,
             "spec": {},
             "spec_hash": "h" + run_id,
-            "config_hash": "cfg",
+            "config_hash": CONFIG_HASH,
             "task": {
                 "name": "toy",
                 "description": "a toy task",
@@ -86,6 +97,7 @@ def _fake_run(runs: Path, policy: str, seed: int, test: float, fallback: bool = 
             "seed": seed,
             "lr": 0.01,
             "status": "ok",
+            "steps": 20,
             "metric": "accuracy",
             "target": 0.5,
             "val_metric": test,
@@ -112,11 +124,7 @@ def folder(tmp_path_factory):
         _fake_run(runs, "same", s, 0.80 + 0.01 * s + (0.01 if s % 2 else -0.01), fallback=s == 0)
     write_json(
         out / "ablation.json",
-        {
-            "name": "toy study",
-            "config_hash": "cfg" * 10,
-            "config": {"policies": {"uniform": {}, "better": {}, "same": {}}},
-        },
+        {"name": "toy study", "config_hash": CONFIG_HASH, "config": CONFIG},
     )
     write_json(
         out / "tuning.json",
@@ -192,12 +200,27 @@ def test_report_is_deterministic(folder):
     assert (folder / "report.md").read_text() == first
 
 
-def test_unfinished_runs_are_left_out(folder, tmp_path):
+def test_unfinished_runs_are_refused_or_listed_with_allow_incomplete(folder, tmp_path, capsys):
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
+    before = (copy / "report.md").read_bytes() if (copy / "report.md").exists() else None
     (copy / "runs" / "final__toy__better__default__s4" / "done.json").unlink()
-    main(["report", str(copy), "--no-figures"])
-    assert "| better | 0.01 | 4 |" in (copy / "report.md").read_text()
+    assert main(["report", str(copy), "--no-figures"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"layerwise report: error: {copy}: 1 run(s) or file(s) missing")
+    assert err[1:] == [
+        "  runs/final__toy__better__default__s4/done.json: missing (the run did not finish)"
+    ]
+    after = (copy / "report.md").read_bytes() if (copy / "report.md").exists() else None
+    assert after == before, "a refused report writes nothing"
+    assert main(["report", str(copy), "--no-figures", "--allow-incomplete"]) == 0
+    report = (copy / "report.md").read_text()
+    assert "| better | 0.01 | 4 |" in report
+    assert "0 tuning runs finished of 15 planned" in report and "**Incomplete:** 1 " in report
+    assert (
+        "## Missing or unreadable runs\n\n"
+        "- runs/final__toy__better__default__s4/done.json: missing (the run did not finish)"
+    ) in report
     json.loads((copy / "ablation.json").read_text())

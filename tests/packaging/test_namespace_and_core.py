@@ -89,6 +89,26 @@ def test_cli_finds_the_users_module_without_pythonpath(user_folder):
     assert missing.stderr.count("\n") == 1 and "cannot import module 'nomodule'" in missing.stderr
 
 
+def test_bundled_configs_are_ours_from_any_folder(user_folder):
+    """`layerwise ablate quickstart` outside the repository, next to a user's own
+    experiments/ package: the bundled configs are found in layerwise.experiments."""
+    layerwise = Path(sys.executable).with_name("layerwise")
+    unknown = _run([str(layerwise), "ablate", "nosuch", "--out", "x"], user_folder)
+    assert unknown.returncode == 2, unknown.stderr
+    assert unknown.stderr == (
+        "layerwise ablate: error: config 'nosuch' is neither a file nor a bundled config "
+        "(full, quickstart, tiny)\n"
+    )
+    code = (
+        "from layerwise.experiments.commands.ablate import resolve_config_path\n"
+        "print(resolve_config_path('tiny').read_text().splitlines()[1])\n"
+    )
+    found = _run([sys.executable, "-c", code], user_folder)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout == 'name = "tiny"\n'
+    assert not (user_folder / "x").exists()
+
+
 def test_importing_the_core_loads_no_optional_package():
     code = (
         "import sys\n"
