@@ -59,7 +59,7 @@ def estimate(
     **Settings** are the fields of :class:`layerwise.sensitivity.EstimateOptions`
     (``quantities``, ``probes``, ``seed``, ``distribution``, ``isolated``, ``chunk_size``,
     ``hvp_mode``, ``variance``, ``micro_batches``, ``dtype``, ``tolerance``, ``max_probes``,
-    ``example_chunk_size``, ``ggn``, ``ggn_samples``), given as
+    ``example_chunk_size``, ``ggn``, ``ggn_samples``, ``ggn_sampler``), given as
     ``options=EstimateOptions(...)``, as keyword shortcuts
     (``estimate(model, loss_fn, batches, probes=8)``), or both: shortcuts **override** the
     fields of ``options`` (``options.replace(**shortcuts)``, validated again). An unknown
@@ -105,8 +105,9 @@ def estimate(
       :class:`layerwise.sensitivity.CrossEntropy` or
       :class:`layerwise.sensitivity.MeanSquaredError` (else
       :class:`layerwise.sensitivity.ggn.GGNLossError`). ``ggn="mc"``: ``ggn_samples``
-      label sets per batch drawn from the model's predictive distribution (from the probe
-      generator, after the batch's probes), per example, or through the batch function
+      label sets per batch drawn from the model's predictive distribution (importance-
+      weighted by default, ``ggn_sampler``; from the probe generator, after the batch's
+      probes), per example, or through the batch function
       under BatchNorm in training mode; ``ggn="exact"``: one backward pass per output
       entry (:class:`layerwise.sensitivity.ggn.GGNSizeError` above
       :data:`layerwise.sensitivity.ggn.EXACT_MAX_COLUMNS`).
@@ -225,6 +226,7 @@ def estimate(
                 target, model, index.params, index.param_group, len(index),
                 per_example=not batch_statistics, dtype=dtype,
                 example_chunk_size=options.example_chunk_size, chunk_size=options.chunk_size,
+                sampler=options.ggn_sampler,
             )  # fmt: skip
         run = Run(plan, loss, gen, model_devices(model), progress, expected, ggn)
         for batch in as_batches(batches):

@@ -6,10 +6,12 @@ positive semi-definite (for cross-entropy and Gaussian likelihoods, the Fisher).
 g, ``ggn_trace`` = tr(G_gg) = tr(J_gᵀ H_out J_g), J_g the columns of J of g's parameters.
 
 **Sampled (``ggn="mc"``).** Let h = ∇_z Σ_t ℓ(z_t, ŷ_t) at labels ŷ drawn from the model's
-own predictive distribution: independent across tokens, E[h_t] = 0 and
-E[h_t h_tᵀ] = ∇²ℓ_t = M (H_out)_tt (``sampled_cotangents``). Per example (examples do not
-interact in the model): a_i = J_iᵀ h_i = ∇_θ Σ_{t∈i} ℓ(z_t, ŷ_t), the gradient of example
-i's summed loss at the sampled labels, and
+own predictive distribution (``sampler="predictive"``; by default importance-weighted
+towards the classes that carry curvature, ``sampler="importance"``, the same expectation
+with far less variance on a confident model: :mod:`layerwise.sensitivity.label_sampling`):
+independent across tokens, E[h_t] = 0 and E[h_t h_tᵀ] = ∇²ℓ_t = M (H_out)_tt. Per example
+(examples do not interact in the model): a_i = J_iᵀ h_i = ∇_θ Σ_{t∈i} ℓ(z_t, ŷ_t), the
+gradient of example i's summed loss at the sampled labels, and
 
     E[ (1/M) Σ_i ‖a_i,g‖² ] = (1/M) Σ_i Σ_{t∈i} tr(J_t,gᵀ ∇²ℓ_t J_t,g) = tr(G_gg),
 
@@ -36,8 +38,9 @@ passes per batch.
 
 Cost: one forward pass and K (or C) backward passes, batched with ``vmap`` (over examples
 and over samples); the per-example gradients of a chunk of examples are reduced to squared
-norms per group at once. The labels' noise is drawn from the estimator's generator (never
-the global RNG); dropout draws one mask per example, as per-example gradients do.
+norms per group at once (:mod:`layerwise.sensitivity.output_vjp`). The labels' noise is
+drawn from the estimator's generator (never the global RNG); dropout draws one mask per
+example, as per-example gradients do.
 Scaling: L is the mean loss, so traces are in loss units per squared parameter unit,
 summed over the group, like ``hessian_trace``.
 
@@ -60,12 +63,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from layerwise.sensitivity.batching import example_in_dims, slice_batch
-from layerwise.sensitivity.functional import FunctionalLoss
+from layerwise.sensitivity.label_sampling import SAMPLERS, draw_noise, sampled_cotangents
 from layerwise.sensitivity.losses import OutputLoss
+from layerwise.sensitivity.output_vjp import OutputVJP
 
 __all__ = [
     "EXACT_MAX_COLUMNS",
@@ -82,8 +83,6 @@ GGN_MODES = ("mc", "exact")
 #: Most backward passes ``ggn="exact"`` takes per batch: output entries per example, or of
 #: the whole batch under BatchNorm in training mode.
 EXACT_MAX_COLUMNS = 1024
-#: Per-example gradient entries held at once (as :mod:`layerwise.sensitivity.runner`).
-CHUNK_ELEMENTS = 2**25
 
 
 class GGNLossError(TypeError):
@@ -132,47 +131,15 @@ class GGNEstimator:
         dtype: torch.dtype | None = None,
         example_chunk_size: int | None = None,
         chunk_size: int = 8,
+        sampler: str = "importance",
     ) -> None:
-        self.loss = output_loss(loss)
-        self.outputs = FunctionalLoss(model, loss.forward, params, dtype)
-        first = next(iter(self.outputs.values.values()))
-        index = torch.as_tensor(group_of, dtype=torch.long, device=first.device)
-        groups = torch.arange(num_groups, device=first.device)
-        self.onehot = (index.unsqueeze(-1) == groups).to(first.dtype)  # (params, G)
-        self.per_example, self.example_chunk_size = per_example, example_chunk_size
-        self.chunk_size = chunk_size
-        self.numel = sum(v.numel() for v in self.outputs.values.values())
-
-    def _group_sq(self, grads: Params) -> torch.Tensor:
-        """(K, G): squared norms per group of gradients ``{name: (K, *shape)}``."""
-        sq = [g.reshape(g.shape[0], -1).square().sum(-1) for g in grads.values()]
-        return torch.stack(sq, -1) @ self.onehot.to(sq[0].dtype)
-
-    def _forward(self, values: Params, batch: Any, targets: torch.Tensor) -> tuple[Any, Any]:
-        out, pull = vjp(lambda v: self.outputs.evaluate(v, batch), values)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"forward(model, batch) must return a tensor, got {type(out).__name__}")
-        self.loss.check(out, targets)
-        return out, pull
-
-    def _first_outputs(
-        self, values: Params, batch: Any, size: int, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """The outputs of the first example (cheap), to check the whole batch's shapes
-        against ``targets`` before the per-example work."""
-        with torch.no_grad():
-            first = self.outputs.evaluate(values, slice_batch(batch, size, 0, 1))
-        if not isinstance(first, torch.Tensor):
-            raise TypeError(
-                f"forward(model, batch) must return a tensor, got {type(first).__name__}"
-            )
-        if first.dim() == 0 or first.shape[0] != 1:
-            raise ValueError(
-                "forward(model, batch) must return the examples along dimension 0, got shape "
-                f"{tuple(first.shape)} for a batch of one example"
-            )
-        self.loss.check(first.expand(size, *first.shape[1:]), targets)
-        return first
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.loss, self.sampler, self.per_example = output_loss(loss), sampler, per_example
+        self.vjps = OutputVJP(
+            loss.forward, model, params, group_of, num_groups, dtype=dtype,
+            example_chunk_size=example_chunk_size, chunk_size=chunk_size,
+        )  # fmt: skip
 
     def _targets(self, batch: Any, size: int) -> torch.Tensor:
         targets = self.loss.target(batch)
@@ -184,6 +151,12 @@ class GGNEstimator:
                 f"shape {tuple(targets.shape)}"
             )
         return targets
+
+    def _first(self, values: Params, batch: Any, size: int, targets: torch.Tensor) -> Any:
+        """The first example's outputs, the batch's shapes checked against ``targets``."""
+        first = self.vjps.first_outputs(values, batch, size)
+        self.loss.check(first.expand(size, *first.shape[1:]), targets)
+        return first
 
     def batch(
         self,
@@ -205,87 +178,63 @@ class GGNEstimator:
         if generator is None:
             raise ValueError("generator is needed to sample labels (exact=False)")
         dtype = next(iter(values.values())).dtype
-        noise = self.loss.draw_noise(targets, samples, generator, dtype)
+        noise = draw_noise(self.loss, targets, samples, generator, dtype, self.sampler)
         terms = self._sampled(values, batch, size, targets, noise) / count  # (K, G)
         mean = terms.mean(0)
         if samples < 2:
             return mean, torch.full_like(mean, float("nan")), samples
         return mean, terms.std(0, correction=1) / samples**0.5, samples
 
-    def _chunks(self, size: int, per_example_entries: int) -> list[tuple[int, int]]:
-        chunk = self.example_chunk_size or max(1, CHUNK_ELEMENTS // max(1, per_example_entries))
-        return [(a, min(a + chunk, size)) for a in range(0, size, chunk)]
-
-    def _per_example(
-        self, one: Any, values: Params, batch: Any, size: int, extra: list, entries: int
-    ) -> Any:
-        """Σ over examples of ``one(values, *extra_i, *example_i)``, in chunks; ``extra``
-        holds (tensor, example dim) pairs."""
-        total = None
-        for a, b in self._chunks(size, entries):
-            part = slice_batch(batch, size, a, b)
-            leaves, spec = tree_flatten(part)
-            dims = tree_flatten(example_in_dims(part, b - a))[0]
-
-            def call(v: Params, *args: Any, spec: Any = spec, dims: list = dims) -> Any:
-                moving, leaves = args[: len(extra)], args[len(extra) :]
-                rows = [t.unsqueeze(0) if d == 0 else t for t, d in zip(leaves, dims, strict=True)]
-                return one(v, tree_unflatten(rows, spec), *moving)
-
-            pieces = [t.narrow(d, a, b - a) for t, d in extra]
-            in_dims = (None, *(d for _, d in extra), *dims)
-            out = vmap(call, in_dims=in_dims, randomness="different")(values, *pieces, *leaves)
-            out = out.sum(0)
-            total = out if total is None else total + out
-        return total
-
     def _sampled(
         self, values: Params, batch: Any, size: int, targets: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
         """(K, G): Σ_i ‖a_i,g‖² per sample (per example), or ‖u_g‖² (batch function)."""
-        samples = noise.shape[0]
+        loss, sampler, samples = self.loss, self.sampler, noise.shape[0]
         if not self.per_example:
-            out, pull = self._forward(values, batch, targets)
-            parts = []
-            for a in range(0, samples, self.chunk_size):
-                h = self.loss.sampled_cotangents(out, targets, noise[a : a + self.chunk_size])
-                parts.append(self._group_sq(vmap(pull)(h)[0]))
-            return torch.cat(parts)
 
-        self._first_outputs(values, batch, size, targets)
+            def count(out: torch.Tensor) -> int:
+                loss.check(out, targets)
+                return samples
 
-        def one(v: Params, example: Any, target: torch.Tensor, eps: torch.Tensor) -> Any:
-            out, pull = self._forward(v, example, target.unsqueeze(0))
-            h = self.loss.sampled_cotangents(out, target.unsqueeze(0), eps.unsqueeze(1))
-            return self._group_sq(vmap(pull)(h)[0])  # (K, G)
+            def cotangents(out: torch.Tensor, a: int, b: int) -> torch.Tensor:
+                return sampled_cotangents(loss, out, targets, noise[a:b], sampler)
+
+            return self.vjps.batch_norms(values, batch, count, cotangents)
+        self._first(values, batch, size, targets)
+
+        def per_example(out: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> Any:
+            return sampled_cotangents(loss, out, target.unsqueeze(0), eps.unsqueeze(1), sampler)
 
         extra = [(targets, 0), (noise, 1)]
-        return self._per_example(one, values, batch, size, extra, samples * self.numel)
+        return self.vjps.example_norms(values, batch, size, samples, per_example, extra)
 
     def _exact(
         self, values: Params, batch: Any, size: int, targets: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
         """(Σ_k ‖J_gᵀ c_k‖² per group, passes per batch)."""
+        loss = self.loss
         if not self.per_example:
-            out, pull = self._forward(values, batch, targets)
-            columns = self.loss.num_columns(out)
-            if columns > EXACT_MAX_COLUMNS:
-                raise _too_large(columns, "of the batch (BatchNorm in training mode)", out.shape)
-            step = max(1, min(columns, CHUNK_ELEMENTS // max(1, self.numel)))
-            total = 0
-            for a in range(0, columns, step):
-                c = self.loss.root_columns(out, targets, a, min(a + step, columns))
-                total = total + self._group_sq(vmap(pull)(c)[0]).sum(0)
-            return total, columns
-        first = self._first_outputs(values, batch, size, targets)
-        columns = self.loss.num_columns(first)
+            passes = []
+
+            def count(out: torch.Tensor) -> int:
+                loss.check(out, targets)
+                passes.append(loss.num_columns(out))
+                if passes[0] > EXACT_MAX_COLUMNS:
+                    where = "of the batch (BatchNorm in training mode)"
+                    raise _too_large(passes[0], where, out.shape)
+                return passes[0]
+
+            def cotangents(out: torch.Tensor, a: int, b: int) -> torch.Tensor:
+                return loss.root_columns(out, targets, a, b)
+
+            return self.vjps.batch_norms(values, batch, count, cotangents).sum(0), passes[0]
+        first = self._first(values, batch, size, targets)
+        columns = loss.num_columns(first)
         if columns > EXACT_MAX_COLUMNS:
             raise _too_large(columns, "of an example", first.shape)
 
-        def one(v: Params, example: Any, target: torch.Tensor) -> Any:
-            out, pull = self._forward(v, example, target.unsqueeze(0))
-            c = self.loss.root_columns(out, target.unsqueeze(0), 0, columns)
-            return self._group_sq(vmap(pull)(c)[0]).sum(0)  # (G,)
+        def per_example(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return loss.root_columns(out, target.unsqueeze(0), 0, columns)
 
-        total = self._per_example(one, values, batch, size, [(targets, 0)], columns * self.numel)
-        return total, columns
+        norms = self.vjps.example_norms(values, batch, size, columns, per_example, [(targets, 0)])
+        return norms.sum(0), columns

@@ -8,11 +8,12 @@ with respect to the parameters, H_out the Hessian of the loss with respect to th
 :mod:`layerwise.sensitivity.ggn`). Each object knows, for its loss written as
 L = (1/M) Σ_t ℓ(z_t, y_t) (``normaliser`` M):
 
-* ``sampled_cotangents``: h = ∇_z Σ_t ℓ(z_t, ŷ_t) at labels ŷ sampled from the model's
-  own predictive distribution, from noise drawn beforehand (``draw_noise``), so that
-  E[h] = 0 and E[h hᵀ] = ∇²_z Σ_t ℓ = M H_out;
 * ``root_columns``: columns c_k of a square root of M H_out (Σ_k c_k c_kᵀ = M H_out), one
-  per output entry.
+  per output entry;
+* ``check``, the shapes and dtypes of outputs and targets.
+
+Sampled cotangents h with E[h hᵀ] = M H_out (labels drawn from the model's predictive
+distribution) are in :mod:`layerwise.sensitivity.label_sampling`.
 
 :class:`CrossEntropy` (classes along the **last** dimension: logits ``[N, V]`` against
 targets ``[N]``, or the sequence layout ``[N, T, V]`` against ``[N, T]``; this differs from
@@ -22,17 +23,15 @@ over the tokens whose target is not ``ignore_index`` (M = their number). Per tok
 (1 − ε) q + ε/V by ``label_smoothing`` ε. Its Hessian in the logits is
 (Σ_c q_c)(diag(p) − p pᵀ) = diag(p) − p pᵀ for *every* target distribution q (Σ_c q_c = 1),
 so label smoothing leaves the GGN unchanged: it is supported, and the GGN is the one of
-the softmax, equal to the Fisher of the model's categorical distribution. Sampled labels
-ŷ ~ Categorical(p) (inverse CDF of one uniform per token) give h = p − e_ŷ, with
-E[h hᵀ] = diag(p) − p pᵀ; ignored tokens get h = 0. The square root:
-c_(t,c) = √p_c (e_c − p) at token t, since Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag(p) − p pᵀ.
+the softmax, equal to the Fisher of the model's categorical distribution. The square
+root: c_(t,c) = √p_c (e_c − p) at token t (0 at ignored tokens), since
+Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag(p) − p pᵀ.
 
 :class:`MeanSquaredError`: ``F.mse_loss`` with mean reduction, L = (1/M) Σ_k (z_k − y_k)²
 over all M = ``targets.numel()`` entries (outputs and targets of one shape). Σ (z − y)² is,
 up to a constant, the negative log-likelihood of a Gaussian N(z, σ² I) with σ² = 1/2 (the
 common ½‖z − y‖² scaling corresponds to σ² = 1; ``mse_loss`` has no ½, hence twice the
-curvature). Sampling ŷ ~ N(z, I/2) gives h = 2 (z − ŷ) = √2 ε, ε ~ N(0, I), with
-E[h hᵀ] = 2 I = ∇²_z Σ (z − y)²; the square root's columns are √2 e_k.
+curvature): ∇²_z Σ (z − y)² = 2 I, whose square root's columns are √2 e_k.
 
 >>> from torch import nn
 >>> net = nn.Linear(3, 4)
@@ -153,27 +152,6 @@ class CrossEntropy(OutputLoss):
         """M, the number of targets that are not ``ignore_index`` (a 0-d device tensor)."""
         return (targets != self.ignore_index).sum()
 
-    def draw_noise(
-        self, targets: torch.Tensor, samples: int, generator: torch.Generator, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """One uniform number in [0, 1) per target and sample: ``[samples, *targets.shape]``."""
-        shape = (samples, *targets.shape)
-        u = torch.rand(shape, generator=generator, device=generator.device, dtype=dtype)
-        return u.to(targets.device)
-
-    def sampled_cotangents(
-        self, outputs: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
-        """h = p − e_ŷ per token, ŷ the inverse-CDF sample of p = softmax(outputs) at the
-        uniforms ``noise`` ``[K, *targets.shape]``; 0 at ignored tokens. ``[K, *outputs.shape]``."""
-        classes = outputs.shape[-1]
-        p = outputs.detach().softmax(-1)
-        below = p.cumsum(-1).unsqueeze(0) < noise.to(p.dtype).unsqueeze(-1)
-        label = below.sum(-1).clamp_max(classes - 1)
-        onehot = label.unsqueeze(-1) == torch.arange(classes, device=p.device)
-        keep = (targets != self.ignore_index).to(p.dtype).unsqueeze(-1)
-        return (p.unsqueeze(0) - onehot.to(p.dtype)) * keep
-
     def num_columns(self, outputs: torch.Tensor) -> int:
         """Columns of the square root of M H_out: one per (token, class), ``outputs.numel()``."""
         return outputs.numel()
@@ -221,20 +199,6 @@ class MeanSquaredError(OutputLoss):
     def normaliser(self, targets: torch.Tensor) -> int:
         """M, the number of entries ``targets.numel()``."""
         return targets.numel()
-
-    def draw_noise(
-        self, targets: torch.Tensor, samples: int, generator: torch.Generator, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Standard normal noise ε, ``[samples, *targets.shape]``."""
-        shape = (samples, *targets.shape)
-        eps = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
-        return eps.to(targets.device)
-
-    def sampled_cotangents(
-        self, outputs: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
-        """h = 2 (z − ŷ) = √2 ε for ŷ ~ N(z, I/2): ``[K, *outputs.shape]``."""
-        return noise.to(outputs.dtype) * math.sqrt(2.0)
 
     def num_columns(self, outputs: torch.Tensor) -> int:
         """Columns of the square root of M H_out = 2 I: one per entry, ``outputs.numel()``."""

@@ -25,6 +25,7 @@ import torch
 
 from layerwise.sensitivity.ggn import GGN_MODES
 from layerwise.sensitivity.hvp import HVP_MODES
+from layerwise.sensitivity.label_sampling import SAMPLERS
 from layerwise.sensitivity.probes import DISTRIBUTIONS
 from layerwise.sensitivity.validation import (
     QUANTITIES,
@@ -80,6 +81,10 @@ class EstimateOptions:
     * ``ggn_samples`` -- K >= 1 sampled label sets per batch for ``ggn="mc"`` (K >= 2 for a
       standard error, which falls as 1/sqrt(K)); batched ``chunk_size`` at a time under
       BatchNorm in training mode.
+    * ``ggn_sampler`` -- how ``ggn="mc"`` draws labels: ``"importance"`` (weighted towards the
+      classes that carry curvature, weighed back: the same expectation, far less variance on
+      a confident classifier) or ``"predictive"`` (from the model's predictive distribution);
+      see :mod:`layerwise.sensitivity.label_sampling`.
 
     Each invalid field raises ``TypeError``/``ValueError`` naming the field and the value.
     """
@@ -99,6 +104,7 @@ class EstimateOptions:
     example_chunk_size: int | None = None
     ggn: str = "mc"
     ggn_samples: int = 4
+    ggn_sampler: str = "importance"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -125,6 +131,7 @@ class EstimateOptions:
         check_int("example_chunk_size", self.example_chunk_size, 1, optional=True)
         check_choice("ggn", self.ggn, GGN_MODES)
         check_int("ggn_samples", self.ggn_samples, 1)
+        check_choice("ggn_sampler", self.ggn_sampler, SAMPLERS)
 
     @property
     def budget(self) -> int:

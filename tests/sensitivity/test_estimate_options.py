@@ -43,6 +43,7 @@ BAD = [
     ("ggn", "dense", ValueError, r"ggn must be one of \('mc', 'exact'\), got 'dense'"),
     ("ggn_samples", 0, ValueError, "ggn_samples must be >= 1, got 0"),
     ("ggn_samples", 1.5, TypeError, "ggn_samples must be an int, got 1.5"),
+    ("ggn_sampler", "fisher", ValueError, r"ggn_sampler must be one of .* got 'fisher'"),
 ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from torch.func import hessian
 from torch.nn import functional as F
 
 from layerwise.sensitivity import CrossEntropy, MeanSquaredError, estimate, make_generator
+from layerwise.sensitivity.label_sampling import SAMPLERS, draw_noise, sampled_cotangents
 
 from .cases import CE, cross_entropy, mlp
 
@@ -75,36 +76,74 @@ def _summed_hessian(loss, z, y):
     return h.reshape(z.numel(), z.numel())
 
 
-def test_cross_entropy_cotangents_have_the_hessian_as_second_moment():
+def _label_distribution(p: torch.Tensor, sampler: str) -> torch.Tensor:
+    """The probability of each class of each token under ``sampler``, computed here."""
+    if sampler == "predictive":
+        return p
+    eye = torch.eye(p.shape[-1], dtype=p.dtype)
+    share = (p.unsqueeze(-2) - eye).square().sum(-1)  # ‖p − e_c‖²
+    q = p * share
+    return q / q.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cross_entropy_cotangents_have_the_hessian_as_second_moment(sampler):
     z, y = _sequence(2)
     loss = CrossEntropy(_out, _y, ignore_index=-7, label_smoothing=0.3)
-    p = z.softmax(-1)
-    cdf = p.cumsum(-1)
-    lower = torch.cat([torch.zeros_like(cdf[..., :1]), cdf[..., :-1]], -1)
+    q = _label_distribution(z.softmax(-1), sampler).reshape(-1, 5)
+    cdf = q.cumsum(-1)
+    lower = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], -1)
     moment = torch.zeros(z.numel(), z.numel(), dtype=DT)
-    # the label c of a token comes from any uniform in [cdf_{c-1}, cdf_c): enumerate the
-    # classes of one token at a time, the others fixed at class 0, weighted by p_c
-    for token in range(z.shape[0] * z.shape[1]):
+    signs = [(0.25, 0.5), (0.75, 0.5)] if sampler == "importance" else [(None, 1.0)]
+    # the label of a token comes from a uniform in [cdf_{c-1}, cdf_c): enumerate the classes
+    # of one token at a time (the others at their first class), weighted by q_c (and both
+    # signs, each with probability 1/2)
+    for token in range(q.shape[0]):
         for c in range(5):
-            u = lower[..., 0].clone().reshape(-1) + 1e-12
-            u[token] = ((lower[..., c] + cdf[..., c]) / 2).reshape(-1)[token]
-            h = loss.sampled_cotangents(z, y, u.reshape(1, *y.shape))[0].reshape(-1, 5)
-            row = torch.zeros_like(h)
-            row[token] = h[token]
-            vec = row.reshape(-1)
-            moment += p.reshape(-1, 5)[token, c] * torch.outer(vec, vec)
+            u = lower[:, 0] + 1e-12
+            u[token] = (lower[token, c] + cdf[token, c]) / 2
+            for s, weight in signs:
+                noise = u if s is None else torch.stack([u, torch.full_like(u, s)], -1)
+                noise = noise.reshape(1, *y.shape, *noise.shape[1:])
+                h = sampled_cotangents(loss, z, y, noise, sampler)[0].reshape(-1, 5)
+                vec = torch.zeros_like(h)
+                vec[token] = h[token]
+                vec = vec.reshape(-1)
+                moment += weight * q[token, c] * torch.outer(vec, vec)
     assert torch.allclose(moment, _summed_hessian(loss, z, y), atol=1e-12)
 
 
-def test_cross_entropy_samples_labels_with_the_models_probabilities():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cross_entropy_samples_labels_from_the_samplers_distribution(sampler):
     z = torch.tensor([[2.0, 0.0, -1.0, 0.5]], dtype=DT)
     y = torch.zeros(1, dtype=torch.long)
     loss = CrossEntropy(_out, _y)
-    noise = loss.draw_noise(y, 40000, make_generator("cpu", 0), DT)
-    h = loss.sampled_cotangents(z, y, noise)  # p − e_ŷ
-    freq = (z.softmax(-1) - h).mean(0)[0]
+    n = 40000
+    noise = draw_noise(loss, y, n, make_generator("cpu", 0), DT, sampler)
+    h = sampled_cotangents(loss, z, y, noise, sampler)[:, 0]  # σ √w (p − e_ŷ)
+    # p − e_ŷ is negative at ŷ only: ŷ is the entry whose sign differs from the others',
+    # and σ is the others' sign
+    signs = h.sign()
+    sigma = signs.sum(-1).sign()
+    label = (signs != sigma.unsqueeze(-1)).to(DT).argmax(-1)
     p = z.softmax(-1)[0]
-    assert torch.allclose(freq, p, atol=4 * (p * (1 - p) / 40000).sqrt().max().item())
+    q = _label_distribution(p.unsqueeze(0), sampler)[0]
+    freq = torch.bincount(label, minlength=4).to(DT) / n
+    assert torch.allclose(freq, q, atol=4 * (q * (1 - q) / n).sqrt().max().item())
+    if sampler == "predictive":
+        assert (sigma == 1).all()  # h = p − e_ŷ, the gradient at the sampled label
+    else:  # every cotangent has ‖h‖² = 1 − Σ p², and the signs are balanced
+        assert torch.allclose(h.square().sum(-1), 1 - p.square().sum())
+        assert abs(sigma.mean().item()) < 4 / n**0.5
+
+
+def test_a_certain_prediction_gives_zero_cotangents_not_nan():
+    z = torch.tensor([[0.0, -1e4, -1e4]], dtype=DT)  # p = e_0 exactly
+    y = torch.zeros(1, dtype=torch.long)
+    loss = CrossEntropy(_out, _y)
+    for sampler in SAMPLERS:
+        noise = draw_noise(loss, y, 64, make_generator("cpu", 0), DT, sampler)
+        assert torch.equal(sampled_cotangents(loss, z, y, noise, sampler), torch.zeros(64, 1, 3))
 
 
 def test_mse_cotangents_and_columns_give_twice_the_identity():
@@ -115,9 +154,14 @@ def test_mse_cotangents_and_columns_give_twice_the_identity():
     assert torch.allclose(target, 2 * torch.eye(6, dtype=DT))
     cols = loss.root_columns(z, y, 0, loss.num_columns(z)).reshape(6, 6)
     assert torch.allclose(cols.T @ cols, target, atol=1e-14)
-    noise = loss.draw_noise(y, 50000, make_generator("cpu", 1), DT)
-    h = loss.sampled_cotangents(z, y, noise).reshape(50000, 6)
+    gaussian = draw_noise(loss, y, 50000, make_generator("cpu", 1), DT, "predictive")
+    h = sampled_cotangents(loss, z, y, gaussian, "predictive").reshape(50000, 6)
     assert torch.allclose(h.T @ h / 50000, target, atol=0.1)
+    assert abs(h.square().mean().item() - 2.0) < 0.05 and h.abs().std() > 0.5  # not ±√2
+    two_point = draw_noise(loss, y, 50000, make_generator("cpu", 1), DT, "importance")
+    h = sampled_cotangents(loss, z, y, two_point, "importance").reshape(50000, 6)
+    assert torch.equal(h.abs(), torch.full_like(h, 2**0.5))  # ±√2: E[h hᵀ] = 2 I
+    assert torch.allclose(h.T @ h / 50000, target, atol=0.05)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.4])
