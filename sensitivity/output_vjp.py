@@ -81,7 +81,8 @@ class OutputVJP:
 
     def _group_sq(self, grads: Params) -> torch.Tensor:
         """(K, G): squared norms per group of gradients ``{name: (K, *shape)}``."""
-        sq = [g.reshape(g.shape[0], -1).square().sum(-1) for g in grads.values()]
+        sq = [torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=-1).square()
+              for g in grads.values()]  # fmt: skip
         return torch.stack(sq, -1) @ self.onehot.to(sq[0].dtype)
 
     def _pullback(self, values: Params, batch: Any) -> tuple[torch.Tensor, Any]:
