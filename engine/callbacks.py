@@ -24,7 +24,14 @@ from typing import Any
 __all__ = ["ScalarLogger", "as_callback"]
 
 #: Quantities of a report that :class:`ScalarLogger` writes, when measured.
-LOGGED_QUANTITIES = ("grad_norm", "noise_to_signal", "hessian_trace", "curvature")
+LOGGED_QUANTITIES = (
+    "grad_norm",
+    "noise_to_signal",
+    "hessian_trace",
+    "curvature",
+    "ggn_trace",
+    "ggn_curvature",
+)
 
 
 class ScalarLogger:

@@ -17,6 +17,10 @@ Pooled per group (w_r = b_r / B):
                            batch's mean loss, exactly (H = Σ w_r H_r and the probes are shared)
 ``hessian_trace_stderr``   Σ w_r se_r, an upper bound (Minkowski) on the stderr over the
                            shared probes, whose per-rank values are correlated
+``ggn_trace``              Σ w_r t_r, the GGN trace of the concatenated batch's mean loss
+                           (exact ones exactly; sampled ones unbiased)
+``ggn_trace_stderr``       Σ w_r se_r, an upper bound (Minkowski): the ranks draw their labels'
+                           noise from the same seed, so their errors may be correlated
 ``grad_norm``              ‖Ḡ‖, exactly the concatenated batch's
 ``grad_variance``          tr(Σ̂)/n_g with tr(Σ̂) = [Σ_r (M_r − 1) tr_r + S_between] / (Σ_r M_r − 1),
                            where tr_r is rank r's unbiased estimate from M_r gradient samples
@@ -34,7 +38,8 @@ Pooled per group (w_r = b_r / B):
                            (approximate: the between-rank part's noise is not included)
 ``grad_norm_stderr``       sqrt(Σ_r w_r² se_r²), the per-rank delta-method errors propagated
                            to Ḡ as independent (approximate)
-``param_norm``, ``num_params``, ``hessian_probes``: rank 0's (identical on every rank)
+``param_norm``, ``num_params``, ``hessian_probes``, ``ggn_samples``: rank 0's (identical on
+every rank)
 =========================  ================================================================
 
 Cost: probes and HVPs as one rank's, examples and batches summed, seconds the slowest rank's.
@@ -190,6 +195,7 @@ def pool_reports(
             "num_params": est.num_params,
             "param_norm": est.param_norm,
             "hessian_probes": est.hessian_probes,
+            "ggn_samples": est.ggn_samples,
         }
         traces = [_get(r, g, "hessian_trace") for r in reports]
         if est.hessian_trace is not None:
@@ -199,6 +205,7 @@ def pool_reports(
                 fields["hessian_trace_stderr"] = math.fsum(
                     wr * s for wr, s in zip(w, ses, strict=True)
                 )
+        fields.update(_pooled_ggn(reports, g, w))
         big = global_sq.get(g, math.nan)
         if g in global_sq and est.grad_norm is not None:
             fields["grad_norm"] = math.sqrt(big) if big >= 0 else math.nan
@@ -232,12 +239,25 @@ def pool_reports(
     cost = EstimateCost(
         probes=max(c.probes for c in costs),
         hvps=max(c.hvps for c in costs),
+        ggn_passes=max(c.ggn_passes for c in costs),
         examples=sum(c.examples for c in costs),
         batches=sum(c.batches for c in costs),
         seconds=max(c.seconds for c in costs),
     )
     settings = {**first.settings, "distributed": {"world_size": R, "sizes": list(sizes)}}
     return SensitivityReport(tuple(groups), cost, settings)
+
+
+def _pooled_ggn(reports: Sequence[SensitivityReport], g: str, w: Sequence[float]) -> dict:
+    """``ggn_trace`` and its standard error of the concatenated batch (module docstring)."""
+    traces = [_get(r, g, "ggn_trace") for r in reports]
+    if any(t is None for t in traces):
+        return {}
+    out = {"ggn_trace": math.fsum(wr * t for wr, t in zip(w, traces, strict=True))}
+    ses = [_get(r, g, "ggn_trace_stderr") for r in reports]
+    if all(s is not None for s in ses):
+        out["ggn_trace_stderr"] = math.fsum(wr * s for wr, s in zip(w, ses, strict=True))
+    return out
 
 
 def _noise_to_signal(trace: float, grad_sq: float, examples: float) -> float:

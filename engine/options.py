@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from layerwise.sensitivity import QUANTITIES, EstimateOptions
+from layerwise.sensitivity import KNOWN_QUANTITIES, QUANTITIES, EstimateOptions
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -45,17 +45,19 @@ class EstimatorSetup(NamedTuple):
 
 def required_quantities(controller: Any) -> tuple[str, ...]:
     """The report quantities the controller reads: its rule's ``quantities`` and
-    ``grad_norm``, in the estimator's order; all of them when the rule declares none."""
+    ``grad_norm``, in the estimator's order; when the rule declares none, all those any loss
+    function gives (:data:`layerwise.sensitivity.QUANTITIES`: not ``ggn_trace``, which needs
+    a loss object and is estimated only for a rule that declares it)."""
     declared = getattr(getattr(controller, "rule", None), "quantities", None)
     if declared is None:
         return QUANTITIES
-    if isinstance(declared, str) or not all(q in QUANTITIES for q in declared):
+    if isinstance(declared, str) or not all(q in KNOWN_QUANTITIES for q in declared):
         raise ValueError(
             f"controller rule declares quantities {declared!r}; expected a tuple of some of "
-            f"{QUANTITIES}"
+            f"{KNOWN_QUANTITIES}"
         )
     wanted = {*declared, "grad_norm"}
-    return tuple(q for q in QUANTITIES if q in wanted)
+    return tuple(q for q in KNOWN_QUANTITIES if q in wanted)
 
 
 def make_controller(controller: Any) -> Any:

@@ -32,6 +32,7 @@ from layerwise.engine.multipliers import MULTIPLIER_KEY, check_multiplier, effec
 from layerwise.engine.naming import parameter_mapping, unwrap_model
 from layerwise.engine.options import estimator_options, make_controller, samples_behind
 from layerwise.policies.schedule_base import check_int
+from layerwise.sensitivity.ggn import output_loss
 
 __all__ = ["Recalibration", "Recalibrator", "skip_rows"]
 
@@ -88,6 +89,8 @@ class Recalibrator:
         self.module = unwrap_model(model)
         self.mapping = parameter_mapping(model, optimizer.param_groups)
         self.options, self.runtime = estimator_options(estimator, self.controller)
+        if "ggn_trace" in self.options.quantities:  # refused now, not at the first recalibration
+            output_loss(loss_fn)
         self.seed = check_int("seed", seed, minimum=0)
         device = next(iter(self.module.parameters())).device
         self.generator = torch.Generator(device=device)
@@ -310,5 +313,6 @@ def _estimate_row(report: Any, name: str) -> dict[str, Any]:
     est = report[name]
     row = {k: v for k, v in est.to_dict().items() if k != "group"}
     row["curvature"] = est.curvature
+    row["ggn_curvature"] = est.ggn_curvature
     row["estimate_seconds"] = report.cost.seconds
     return row

@@ -9,15 +9,19 @@ A policy spec is a small dict with a ``kind``:
   ``head``, ``backbone``);
 * ``factors``: an explicit ``{group: factor}`` table (key ``factors``, key ``default``);
 * ``controller``: a :class:`layerwise.policies.SensitivityController` with ``rule`` (``curvature``,
-  ``noise``, ``trust_ratio``, ``curvature+noise``...), its settings under ``controller`` (flat
+  ``curvature_ggn``, ``noise``, ``trust_ratio``, ``curvature+noise``...), its settings under
+  ``controller`` (flat
   keys such as ``alpha``, ``max_spread``, ``mode``, or nested ``bounds``/``safety`` tables), the
   estimator's settings under ``estimator`` (fields of
   :class:`layerwise.sensitivity.EstimateOptions`: ``probes``...), and the engine's
   ``recalibrate_every`` and ``warmup_steps``.
 
 :data:`PRESETS` names the policies of the study; a config may list them by name, or
-override a preset's keys in a ``[policies.NAME]`` table. A base rate is never part of a
-policy: it is tuned per policy from the task's grid.
+override a preset's keys in a ``[policies.NAME]`` table. ``curvature_ggn`` is the curvature
+controller on the Gauss-Newton trace (``ggn_trace``, sampled labels), which needs the task's
+loss to be a loss object (every bundled task's is a
+:class:`layerwise.sensitivity.CrossEntropy`); ``curvature`` reads the Hessian trace. A base
+rate is never part of a policy: it is tuned per policy from the task's grid.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "discriminative": {"kind": "discriminative", "head": 1.0, "backbone": 0.3},
     **{
         rule: {"kind": "controller", "rule": rule, **copy.deepcopy(_CONTROLLER_DEFAULTS)}
-        for rule in ("trust_ratio", "curvature", "noise", "curvature+noise")
+        for rule in ("trust_ratio", "curvature", "curvature_ggn", "noise", "curvature+noise")
     },
 }
 
@@ -145,17 +149,22 @@ def _check_engine_options(spec: Mapping[str, Any]) -> None:
     from torch import nn
 
     from layerwise import engine
+    from layerwise.sensitivity import MeanSquaredError
 
     probe = nn.Linear(2, 2)
     engine.LayerwiseOptimizer(
         torch.optim.SGD(probe.parameters(), lr=0.1),
         model=probe,
-        loss_fn=lambda model, batch: model(batch).square().mean(),
+        loss_fn=MeanSquaredError(_probe_outputs, torch.zeros_like),  # mean of outputs²
         controller=build_controller(spec),
         recalibrate_every=spec["recalibrate_every"],
         warmup_steps=spec["warmup_steps"],
         estimator=dict(spec["estimator"]),
     )
+
+
+def _probe_outputs(model: Any, batch: Any) -> Any:
+    return model(batch)
 
 
 def build_controller(spec: Mapping[str, Any]) -> Any:

@@ -14,7 +14,7 @@ The controller turns scores ``s_g`` into multipliers with :func:`normalise`:
 parameter-weighted geometric mean of the multipliers is 1 and the base schedule keeps its
 meaning. Every built-in rule is a power law in positive quantities, ``s_g = power * ±log q_g``:
 
-``curvature``    q = max(c_g, floor), c_g = hessian_trace / num_params; s = -log q, so
+``curvature``    q = max(c_g, floor), c_g = trace / num_params; s = -log q, so
                  ``m_g = (reference / q_g) ** alpha`` with the reference the weighted geometric
                  mean. For a quadratic the stable step is ∝ 1/curvature (alpha = 1, a block
                  Newton scaling); alpha = 1/2 is the square-root damping of adaptive methods.
@@ -26,6 +26,14 @@ meaning. Every built-in rule is a power law in positive quantities, ``s_g = powe
                  ``floor = 0.01`` by default: a curvature under 1% of the mean is as good as
                  zero for a multiplier that the bounds hold to a factor of a few, and the
                  floor caps how far one such group can drag the reference of the others.
+                 The trace is the group's block of the Hessian or of the generalised
+                 Gauss-Newton matrix, by ``source``: ``"hessian"`` reads ``hessian_trace``
+                 (input ``curvature``), ``"ggn"`` reads ``ggn_trace`` (input
+                 ``ggn_curvature``; PSD, so never negative, and far less noisy where a
+                 Hessian block's trace is a small remainder of cancelling terms), and
+                 ``"auto"`` (the default) reads ``ggn_trace`` when the report has it
+                 (any group measured it) and ``hessian_trace`` otherwise. Registered as
+                 ``curvature`` (auto), ``curvature_ggn`` and ``curvature_hessian``.
 ``noise``        q = 1 + max(noise_to_signal, 0); s = -log q, so
                  ``m_g ∝ (1 / (1 + noise_to_signal_g)) ** alpha``. This is both the signal
                  fraction ``‖G‖² / (‖G‖² + tr Σ / B)`` of the expected squared mini-batch gradient
@@ -41,7 +49,10 @@ meaning. Every built-in rule is a power law in positive quantities, ``s_g = powe
 ``uniform``      no inputs, s = 0: all ones (the control arm).
 
 Each rule declares ``quantities``, the estimate quantities it reads (beyond ``param_norm`` and
-``num_params``, which every report holds): ``curvature`` ``("hessian_trace",)``, ``noise``
+``num_params``, which every report holds): ``curvature`` and ``curvature_hessian``
+``("hessian_trace",)`` (``"auto"`` reads ``ggn_trace`` too, when the estimate was also asked
+for it, e.g. by ``layerwise analyze --quantities``), ``curvature_ggn`` ``("ggn_trace",)``
+(which needs a loss object, :class:`layerwise.sensitivity.CrossEntropy`), ``noise``
 ``("grad_norm", "grad_variance")`` (``grad_variance`` brings ``noise_to_signal``; ``grad_norm``
 its standard error), ``trust_ratio`` ``("grad_norm",)``, ``uniform`` ``()``; a composition the
 union. The engine estimates exactly those (plus ``grad_norm`` for the controller's spike check).
@@ -58,9 +69,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Protocol, runtime_checkable
 
-from layerwise.sensitivity import QUANTITIES, GroupEstimate, SensitivityReport
+from layerwise.sensitivity import KNOWN_QUANTITIES, QUANTITIES, GroupEstimate, SensitivityReport
 
 __all__ = [
+    "CURVATURE_SOURCES",
     "RULES",
     "CompositeRule",
     "CurvatureRule",
@@ -133,42 +145,72 @@ def _weights(groups: Sequence[GroupEstimate]) -> list[float]:
     return w if any(w) else [1.0] * len(w)
 
 
+#: Where the curvature rule reads its trace: the report's GGN trace when it has one, the GGN
+#: trace, or the Hessian trace.
+CURVATURE_SOURCES = ("auto", "ggn", "hessian")
+#: Per source: the trace read, the rule's input name, and its registered name.
+_SOURCES = {
+    "hessian": ("hessian_trace", "curvature", "curvature_hessian"),
+    "ggn": ("ggn_trace", "ggn_curvature", "curvature_ggn"),
+}
+
+
 @dataclass(frozen=True)
 class CurvatureRule:
-    """Smaller steps where the per-parameter Hessian trace is larger (module docstring)."""
+    """Smaller steps where the per-parameter trace of the group's block of the Hessian or
+    the Gauss-Newton matrix is larger, by ``source`` (module docstring)."""
 
-    quantities: ClassVar[tuple[str, ...]] = ("hessian_trace",)
     power: float = 1.0
     floor: float = 0.01
-    name: str = "curvature"
+    source: str = "auto"
+    name: str | None = None  # default: curvature (auto), curvature_ggn, curvature_hessian
 
     def __post_init__(self) -> None:
         _check_power(self.power)
         if not (isinstance(self.floor, int | float) and 0 < self.floor <= 1):
             raise ValueError(f"floor must be in (0, 1], got {self.floor!r}")
+        if self.source not in CURVATURE_SOURCES:
+            raise ValueError(f"source must be one of {CURVATURE_SOURCES}, got {self.source!r}")
+        if self.name is None:
+            default = "curvature" if self.source == "auto" else _SOURCES[self.source][2]
+            object.__setattr__(self, "name", default)
+
+    @property
+    def quantities(self) -> tuple[str, ...]:
+        """``("ggn_trace",)`` for source ``"ggn"``, else ``("hessian_trace",)``."""
+        return ("ggn_trace",) if self.source == "ggn" else ("hessian_trace",)
+
+    def source_of(self, report: SensitivityReport) -> str:
+        """The source read from ``report``: ``"auto"`` is ``"ggn"`` when any group has a
+        ``ggn_trace``, else ``"hessian"``."""
+        if self.source != "auto":
+            return self.source
+        return "ggn" if any(g.ggn_trace is not None for g in report) else "hessian"
 
     def measure(self, report: SensitivityReport) -> Measured:
+        field, key, _ = _SOURCES[self.source_of(report)]
+        traces = {g.group: getattr(g, field) for g in report}
         usable = [
             g
             for g in report
-            if g.hessian_trace is not None and g.num_params > 0 and math.isfinite(g.hessian_trace)
+            if traces[g.group] is not None and g.num_params > 0 and math.isfinite(traces[g.group])
         ]
-        logs = [math.log(g.curvature) if g.curvature > 0 else -math.inf for g in usable]
-        level = _log_weighted_mean(logs, _weights(usable)) if usable else -math.inf
+        per_param = {g.group: traces[g.group] / g.num_params for g in usable}
+        logs = {n: math.log(c) if c > 0 else -math.inf for n, c in per_param.items()}
+        level = _log_weighted_mean(list(logs.values()), _weights(usable)) if usable else -math.inf
         log_floor = math.log(self.floor) + level if level > -math.inf else 0.0
-        usable_names = {g.group for g in usable}
         out: Measured = {}
         for g in report:
-            if g.group not in usable_names:
-                out[g.group] = "no finite hessian_trace (or no parameters) in the report"
+            if g.group not in logs:
+                out[g.group] = f"no finite {field} (or no parameters) in the report"
                 continue
-            log_c = math.log(g.curvature) if g.curvature > 0 else -math.inf
-            rel = _rel(g.hessian_trace_stderr, g.hessian_trace)
-            out[g.group] = {"curvature": Measurement(max(log_c, log_floor), rel)}
+            rel = _rel(getattr(g, field + "_stderr"), traces[g.group])
+            out[g.group] = {key: Measurement(max(logs[g.group], log_floor), rel)}
         return out
 
     def score(self, logs: Mapping[str, float]) -> float:
-        return -self.power * logs["curvature"]
+        key = "ggn_curvature" if "ggn_curvature" in logs else "curvature"
+        return -self.power * logs[key]
 
 
 @dataclass(frozen=True)
@@ -261,11 +303,12 @@ class CompositeRule:
 
     @property
     def quantities(self) -> tuple[str, ...]:
-        """The union of the parts' quantities (all of them for a part that declares none)."""
+        """The union of the parts' quantities (:data:`layerwise.sensitivity.QUANTITIES`, those
+        any loss function gives, for a part that declares none)."""
         wanted = set()
         for part in self.parts:
             wanted.update(getattr(part, "quantities", QUANTITIES))
-        return tuple(q for q in QUANTITIES if q in wanted)
+        return tuple(q for q in KNOWN_QUANTITIES if q in wanted)
 
     def measure(self, report: SensitivityReport) -> Measured:
         merged: Measured = {g.group: {} for g in report}
@@ -290,6 +333,8 @@ class CompositeRule:
 #: Registry of rules by name: zero-argument factories.
 RULES: dict[str, Callable[[], Rule]] = {
     "curvature": CurvatureRule,
+    "curvature_ggn": lambda: CurvatureRule(source="ggn"),
+    "curvature_hessian": lambda: CurvatureRule(source="hessian"),
     "noise": NoiseRule,
     "trust_ratio": TrustRatioRule,
     "uniform": UniformRule,

@@ -1,8 +1,9 @@
 """Sanity checks and the fallback to the uniform rate: small state machines over plain data.
 
 * :func:`report_problems` -- a report is unhealthy when an estimate is non-finite
-  (``param_norm``, ``grad_norm``, ``grad_variance``, ``noise_to_signal``, ``hessian_trace``) or
-  negative where that is impossible (the norms and every standard error). A negative
+  (``param_norm``, ``grad_norm``, ``grad_variance``, ``noise_to_signal``, ``hessian_trace``,
+  ``ggn_trace``) or negative where that is impossible (the norms, every standard error, and
+  ``ggn_trace``: the Gauss-Newton matrix is positive semi-definite). A negative
   ``hessian_trace`` is possible (non-convex loss) and a negative ``grad_variance`` or
   ``noise_to_signal`` can come from unbiased two-batch estimators: the rules handle those. A
   non-finite *standard error* only makes the group's estimate untrusted (the controller keeps
@@ -48,7 +49,14 @@ from layerwise.sensitivity import SensitivityReport
 
 __all__ = ["FallbackGate", "SpikeMonitor", "ValidationWatch", "report_problems"]
 
-ESTIMATES = ("param_norm", "grad_norm", "grad_variance", "noise_to_signal", "hessian_trace")
+ESTIMATES = (
+    "param_norm",
+    "grad_norm",
+    "grad_variance",
+    "noise_to_signal",
+    "hessian_trace",
+    "ggn_trace",
+)
 NONNEGATIVE = (
     "param_norm",
     "grad_norm",
@@ -56,6 +64,9 @@ NONNEGATIVE = (
     "grad_variance_stderr",
     "hessian_trace_stderr",
     "hessian_probes",
+    "ggn_trace",
+    "ggn_trace_stderr",
+    "ggn_samples",
 )
 
 

@@ -1,8 +1,10 @@
-"""Sensitivity estimators: per-group gradient statistics and Hutchinson Hessian traces.
+"""Sensitivity estimators: per-group gradient statistics, Hutchinson Hessian traces and
+generalised Gauss-Newton traces.
 
 This package imports nothing else of the project. It takes a model, a loss function
-``loss_fn(model, batch) -> mean loss``, batches, and a plain mapping
-``{group name: [parameter names]}``.
+``loss_fn(model, batch) -> mean loss`` (or a loss object, :class:`CrossEntropy` or
+:class:`MeanSquaredError`, which is one and also splits outputs from loss, as the GGN
+needs), batches, and a plain mapping ``{group name: [parameter names]}``.
 """
 
 from layerwise.sensitivity.errors import (
@@ -14,31 +16,39 @@ from layerwise.sensitivity.errors import (
 )
 from layerwise.sensitivity.estimate import estimate
 from layerwise.sensitivity.functional import FunctionalLoss, leaves_no_trace
+from layerwise.sensitivity.ggn import GGNLossError, GGNSizeError
 from layerwise.sensitivity.groups import GroupIndex, default_groups, resolve_groups
 from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
 from layerwise.sensitivity.hvp import HessianProduct
+from layerwise.sensitivity.losses import CrossEntropy, MeanSquaredError, OutputLoss
 from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.per_example import per_example_gradients
 from layerwise.sensitivity.probes import draw_probes, make_generator
 from layerwise.sensitivity.report import COLUMNS, EstimateCost, GroupEstimate, SensitivityReport
 from layerwise.sensitivity.two_batch import NoiseEstimate, two_batch_noise
-from layerwise.sensitivity.validation import QUANTITIES
+from layerwise.sensitivity.validation import KNOWN_QUANTITIES, QUANTITIES
 
 __all__ = [
     "COLUMNS",
+    "KNOWN_QUANTITIES",
     "QUANTITIES",
+    "CrossEntropy",
     "DoubleBackwardError",
     "EstimateCost",
     "EstimateOptions",
     "FunctionalLoss",
+    "GGNLossError",
+    "GGNSizeError",
     "GroupEstimate",
     "GroupIndex",
     "HessianProduct",
+    "MeanSquaredError",
     "MetaTensorError",
     "NoGradientPathError",
     "NoiseEstimate",
     "NonFloatingParameterError",
     "NotMeasurableError",
+    "OutputLoss",
     "SensitivityReport",
     "default_groups",
     "draw_probes",

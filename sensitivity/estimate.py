@@ -4,8 +4,10 @@ Inner pieces, one per file: :mod:`~layerwise.sensitivity.functional` (the model 
 :mod:`~layerwise.sensitivity.hvp`, :mod:`~layerwise.sensitivity.probes`,
 :mod:`~layerwise.sensitivity.hutchinson`,
 :mod:`~layerwise.sensitivity.per_example`, :mod:`~layerwise.sensitivity.microbatch`,
-:mod:`~layerwise.sensitivity.two_batch`, :mod:`~layerwise.sensitivity.gradient_stats`, and the
-per-batch accumulation in :mod:`~layerwise.sensitivity.runner`.
+:mod:`~layerwise.sensitivity.two_batch`, :mod:`~layerwise.sensitivity.gradient_stats`,
+:mod:`~layerwise.sensitivity.ggn` (with the loss objects of
+:mod:`~layerwise.sensitivity.losses`), and the per-batch accumulation in
+:mod:`~layerwise.sensitivity.runner`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from layerwise.sensitivity.functional import (
     model_devices,
     uses_batch_statistics,
 )
+from layerwise.sensitivity.ggn import GGNEstimator, output_loss
 from layerwise.sensitivity.groups import resolve_groups
 from layerwise.sensitivity.hvp import choose_hvp_mode
+from layerwise.sensitivity.losses import OutputLoss
 from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.probes import make_generator
 from layerwise.sensitivity.report import EstimateCost, SensitivityReport
@@ -48,20 +52,22 @@ def estimate(
     batch_size: Callable[[Any], int] | None = None,
     **settings: Any,
 ) -> SensitivityReport:
-    """Per-group gradient norm, gradient noise and Hessian trace of ``loss_fn``.
+    """Per-group gradient norm, gradient noise, Hessian and Gauss-Newton traces of ``loss_fn``.
 
     **Settings** are the fields of :class:`layerwise.sensitivity.EstimateOptions`
     (``quantities``, ``probes``, ``seed``, ``distribution``, ``isolated``, ``chunk_size``,
     ``hvp_mode``, ``variance``, ``micro_batches``, ``dtype``, ``tolerance``, ``max_probes``,
-    ``example_chunk_size``), given as ``options=EstimateOptions(...)``, as keyword shortcuts
+    ``example_chunk_size``, ``ggn``, ``ggn_samples``, ``ggn_sampler``), given as
+    ``options=EstimateOptions(...)``, as keyword shortcuts
     (``estimate(model, loss_fn, batches, probes=8)``), or both: shortcuts **override** the
     fields of ``options`` (``options.replace(**shortcuts)``, validated again). An unknown
     keyword is a ``TypeError`` that names it and lists the known ones. The settings used are
     recorded in ``report.settings`` (:meth:`EstimateOptions.to_dict` keys, with ``hvp_mode``
     and ``variance`` as resolved and the requested ones under ``hvp_mode_requested`` and
     ``variance_requested``; ``seed`` is ``None`` when a ``generator`` was passed; ``groups``
-    the resolved groups). The other keyword arguments are runtime objects, not settings:
-    ``groups``, ``generator``, ``progress`` and ``batch_size``.
+    the resolved groups; ``loss`` the kind and options of a loss object). The other keyword
+    arguments are runtime objects, not settings: ``groups``, ``generator``, ``progress``
+    and ``batch_size``.
 
     ``loss_fn(model, batch)`` returns the **mean** loss over ``batch``; ``batches`` is one
     batch or an iterable of batches (see :func:`layerwise.sensitivity.batching.as_batches`);
@@ -90,7 +96,19 @@ def estimate(
       from ``generator``, or from a new one seeded with ``seed``), shared across groups
       or ``isolated`` per group, with its standard error. With a ``tolerance`` the probes
       of a batch stop once every group's relative standard error is at most the
-      tolerance, or after ``max_probes`` (default ``probes``).
+      tolerance, or after ``max_probes`` (default ``probes``);
+    * ``"ggn_trace"`` (asked for by name, not part of ``"all"``): tr(G_gg) of the
+      generalised Gauss-Newton matrix G = Jᵀ H_out J, with its standard error
+      (:mod:`layerwise.sensitivity.ggn`). It needs ``loss_fn`` to be a loss object,
+      :class:`layerwise.sensitivity.CrossEntropy` or
+      :class:`layerwise.sensitivity.MeanSquaredError` (else
+      :class:`layerwise.sensitivity.ggn.GGNLossError`). ``ggn="mc"``: ``ggn_samples``
+      label sets per batch drawn from the model's predictive distribution (importance-
+      weighted by default, ``ggn_sampler``; from the probe generator, after the batch's
+      probes), per example, or through the batch function
+      under BatchNorm in training mode; ``ggn="exact"``: one backward pass per output
+      entry (:class:`layerwise.sensitivity.ggn.GGNSizeError` above
+      :data:`layerwise.sensitivity.ggn.EXACT_MAX_COLUMNS`).
 
     Several batches: a batch of B_b examples weighs B_b/N. Traces and gradient statistics
     are the weighted means (for a mean loss, the Hessian trace and mean gradient of the
@@ -169,6 +187,7 @@ def estimate(
     if settings:
         options = options.replace(**settings)
     wanted = options.quantities
+    target = output_loss(loss_fn) if "ggn_trace" in wanted else None  # before any work
     index = resolve_groups(model, groups)
     devices = list(dict.fromkeys(model.get_parameter(n).device for n in index.params))
     _check_generator(generator, devices)
@@ -196,6 +215,8 @@ def estimate(
         tolerance=options.tolerance,
         example_chunk_size=options.example_chunk_size,
         batch_statistics=batch_statistics,
+        ggn=options.ggn if target is not None else None,
+        ggn_samples=options.ggn_samples,
     )
     if plan.noise and plan.method == "per_example" and batch_statistics:
         raise ValueError(
@@ -207,7 +228,15 @@ def estimate(
     with leaves_no_trace(model):
         loss = FunctionalLoss(model, loss_fn, index.params, dtype)
         gen = generator if generator is not None else make_generator(devices[0], options.seed)
-        run = Run(plan, loss, gen, model_devices(model), progress, expected)
+        ggn = None
+        if target is not None:
+            ggn = GGNEstimator(
+                target, model, index.params, index.param_group, len(index),
+                per_example=not batch_statistics, dtype=dtype,
+                example_chunk_size=options.example_chunk_size, chunk_size=options.chunk_size,
+                sampler=options.ggn_sampler,
+            )  # fmt: skip
+        run = Run(plan, loss, gen, model_devices(model), progress, expected, ggn)
         for batch in as_batches(batches):
             size = batch_size_of(batch, batch_size)
             run.batch(cast_batch(batch, dtype), size)
@@ -223,6 +252,8 @@ def estimate(
         **report.settings,  # hvp_mode and variance as used, hvp_fallback
         "groups": index.mapping(),
     }
+    if isinstance(loss_fn, OutputLoss):
+        recorded["loss"] = loss_fn.settings()
     cost = EstimateCost(**{**report.cost.to_dict(), "seconds": seconds})
     return SensitivityReport(report.groups, cost, recorded)
 

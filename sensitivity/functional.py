@@ -126,9 +126,14 @@ class FunctionalLoss:
         self._fixed = fixed
         self.reached = False
 
-    def __call__(self, values: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+    def evaluate(self, values: dict[str, torch.Tensor], batch: Any) -> Any:
+        """What ``loss_fn(model, batch)`` returns with ``values`` substituted, unchecked (for a
+        ``loss_fn`` that returns the model's outputs, e.g. a loss object's ``forward``)."""
         full = {"model." + n: v for n, v in values.items()}
-        loss = functional_call(self._module, (full, self._fixed), (batch,), strict=False)
+        return functional_call(self._module, (full, self._fixed), (batch,), strict=False)
+
+    def __call__(self, values: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        loss = self.evaluate(values, batch)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
         if loss.dim() != 0:

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
+from layerwise.sensitivity.ggn import GGN_MODES
 from layerwise.sensitivity.hvp import HVP_MODES
+from layerwise.sensitivity.label_sampling import SAMPLERS
 from layerwise.sensitivity.probes import DISTRIBUTIONS
 from layerwise.sensitivity.validation import (
     QUANTITIES,
@@ -44,8 +46,10 @@ class EstimateOptions:
     :mod:`layerwise.sensitivity.report`):
 
     * ``quantities`` -- ``"all"``, one name, or some of ``"grad_norm"``, ``"grad_variance"``
-      (brings ``noise_to_signal`` and the standard errors of the gradient statistics) and
-      ``"hessian_trace"``; stored as a tuple in that canonical order.
+      (brings ``noise_to_signal`` and the standard errors of the gradient statistics),
+      ``"hessian_trace"`` and ``"ggn_trace"``; stored as a tuple in that canonical order.
+      ``"all"`` (the default) is the first three, which any ``loss_fn`` gives; ``ggn_trace``
+      needs a loss object (:mod:`layerwise.sensitivity.losses`) and is asked for by name.
     * ``probes`` -- P >= 1, Hutchinson probes per batch (per group when ``isolated``). The
       trace's standard error falls as 1/sqrt(P).
     * ``seed`` -- integer in [0, 2**64) seeding the probe generator (unused when the call
@@ -71,6 +75,16 @@ class EstimateOptions:
       ``tolerance``; default ``probes``).
     * ``example_chunk_size`` -- ``None`` or >= 1 examples per ``vmap`` call of per-example
       gradients (default: at most 2**25 gradient entries at once).
+    * ``ggn`` -- how ``ggn_trace`` is measured: ``"mc"`` (labels sampled from the model's
+      predictive distribution, unbiased, with a standard error) or ``"exact"`` (one backward
+      pass per output entry, for small outputs); see :mod:`layerwise.sensitivity.ggn`.
+    * ``ggn_samples`` -- K >= 1 sampled label sets per batch for ``ggn="mc"`` (K >= 2 for a
+      standard error, which falls as 1/sqrt(K)); batched ``chunk_size`` at a time under
+      BatchNorm in training mode.
+    * ``ggn_sampler`` -- how ``ggn="mc"`` draws labels: ``"importance"`` (weighted towards the
+      classes that carry curvature, weighed back: the same expectation, far less variance on
+      a confident classifier) or ``"predictive"`` (from the model's predictive distribution);
+      see :mod:`layerwise.sensitivity.label_sampling`.
 
     Each invalid field raises ``TypeError``/``ValueError`` naming the field and the value.
     """
@@ -88,6 +102,9 @@ class EstimateOptions:
     tolerance: float | None = None
     max_probes: int | None = None
     example_chunk_size: int | None = None
+    ggn: str = "mc"
+    ggn_samples: int = 4
+    ggn_sampler: str = "importance"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -112,6 +129,9 @@ class EstimateOptions:
                 "tolerance; without one, set probes instead"
             )
         check_int("example_chunk_size", self.example_chunk_size, 1, optional=True)
+        check_choice("ggn", self.ggn, GGN_MODES)
+        check_int("ggn_samples", self.ggn_samples, 1)
+        check_choice("ggn_sampler", self.ggn_sampler, SAMPLERS)
 
     @property
     def budget(self) -> int:

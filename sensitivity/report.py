@@ -17,6 +17,12 @@ loss):
 ``hessian_trace_stderr``   standard error of the Hutchinson estimate over its probes
 ``hessian_probes``         number of probes behind the trace
 ``curvature``              hessian_trace / n_g (derived)
+``ggn_trace``              tr(G_gg), trace of the diagonal block of the generalised
+                           Gauss-Newton matrix G = Jᵀ H_out J (J the Jacobian of the
+                           outputs, H_out the Hessian of the loss in the outputs; PSD)
+``ggn_trace_stderr``       standard error over the sampled labels (0 when exact)
+``ggn_samples``            label samples behind the sampled ``ggn_trace`` (None if exact)
+``ggn_curvature``          ggn_trace / n_g (derived)
 =========================  ===========================================================
 
 A quantity that was not asked for is ``None`` (``NaN`` in :meth:`SensitivityReport.to_frame`).
@@ -24,8 +30,9 @@ A quantity that was computed but came out non-finite is kept as it is (``nan``/`
 a non-finite estimate is reported, never hidden.
 
 Units: losses are in the loss function's units (the mean over the batch), so
-``grad_norm`` is loss per unit parameter, ``hessian_trace`` is loss per unit parameter
-squared summed over the group, and ``curvature`` is its per-parameter mean.
+``grad_norm`` is loss per unit parameter, ``hessian_trace`` and ``ggn_trace`` are loss per
+unit parameter squared summed over the group, and ``curvature`` and ``ggn_curvature`` their
+per-parameter means.
 """
 
 from __future__ import annotations
@@ -55,7 +62,13 @@ COLUMNS = (
     "hessian_trace_stderr",
     "hessian_probes",
     "curvature",
+    "ggn_trace",
+    "ggn_trace_stderr",
+    "ggn_samples",
+    "ggn_curvature",
 )
+#: Integer columns (counts) of a group's row.
+_COUNTS = ("num_params", "hessian_probes", "ggn_samples")
 
 
 def _optional_float(value: Any) -> float | None:
@@ -77,6 +90,9 @@ class GroupEstimate:
     hessian_trace: float | None = None
     hessian_trace_stderr: float | None = None
     hessian_probes: int | None = None
+    ggn_trace: float | None = None
+    ggn_trace_stderr: float | None = None
+    ggn_samples: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.group, str) or not self.group:
@@ -85,11 +101,12 @@ class GroupEstimate:
             raise ValueError(f"num_params must be >= 0, got {self.num_params!r}")
         object.__setattr__(self, "num_params", int(self.num_params))
         for f in dataclasses.fields(self):
-            if f.name in ("group", "num_params", "hessian_probes"):
+            if f.name in ("group", *_COUNTS):
                 continue
             object.__setattr__(self, f.name, _optional_float(getattr(self, f.name)))
-        if self.hessian_probes is not None:
-            object.__setattr__(self, "hessian_probes", int(self.hessian_probes))
+        for name in _COUNTS[1:]:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
 
     @property
     def curvature(self) -> float | None:
@@ -104,6 +121,20 @@ class GroupEstimate:
         if self.hessian_trace_stderr is None or self.num_params == 0:
             return None
         return self.hessian_trace_stderr / self.num_params
+
+    @property
+    def ggn_curvature(self) -> float | None:
+        """Mean per-parameter GGN diagonal of the group, ``ggn_trace / num_params``."""
+        if self.ggn_trace is None or self.num_params == 0:
+            return None
+        return self.ggn_trace / self.num_params
+
+    @property
+    def ggn_curvature_stderr(self) -> float | None:
+        """Standard error of :attr:`ggn_curvature`."""
+        if self.ggn_trace_stderr is None or self.num_params == 0:
+            return None
+        return self.ggn_trace_stderr / self.num_params
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; non-finite floats are kept as floats (JSON writers spell them NaN)."""
@@ -122,13 +153,15 @@ class GroupEstimate:
 class EstimateCost:
     """What an estimate cost: Hutchinson probes per group (max), Hessian-vector products
     evaluated (each a batched product over all parameters counts once per probe), examples
-    and batches seen, and wall-clock seconds."""
+    and batches seen, wall-clock seconds, and the GGN's backward passes (label samples, or
+    output entries per example when exact, summed over batches)."""
 
     probes: int = 0
     hvps: int = 0
     examples: int = 0
     batches: int = 0
     seconds: float = 0.0
+    ggn_passes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,6 +228,7 @@ class SensitivityReport:
         for g in self.groups:
             row = g.to_dict()
             row["curvature"] = g.curvature
+            row["ggn_curvature"] = g.ggn_curvature
             rows.append({c: row[c] for c in COLUMNS})
         frame = pd.DataFrame(rows, columns=list(COLUMNS))
         for c in COLUMNS[1:]:

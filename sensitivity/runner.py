@@ -12,6 +12,7 @@ import torch
 
 from layerwise.sensitivity.errors import NoGradientPathError
 from layerwise.sensitivity.functional import FunctionalLoss, RngReplay
+from layerwise.sensitivity.ggn import GGNEstimator
 from layerwise.sensitivity.gradient_stats import (
     BatchGradStats,
     GradientSamples,
@@ -51,6 +52,8 @@ class Plan:
     tolerance: float | None
     example_chunk_size: int | None
     batch_statistics: bool = False  # a BatchNorm layer normalises with batch statistics
+    ggn: str | None = None  # "mc" or "exact" when ggn_trace is wanted
+    ggn_samples: int = 1  # label samples per batch (mc)
 
 
 class Run:
@@ -64,8 +67,10 @@ class Run:
         devices: list[torch.device],
         progress: Callable[[int, int], Any] | None,
         expected: int | None,
+        ggn: GGNEstimator | None = None,
     ) -> None:
         self.plan, self.loss, self.gen, self.devices = plan, loss, generator, devices
+        self.ggn = ggn
         self.progress, self.expected = progress, expected
         g = len(plan.index)
         first = next(iter(loss.values.values()))
@@ -81,6 +86,10 @@ class Run:
         self.fell_back: str | None = None
         isolated_factor = g if plan.isolated else 1
         self.steps = int(plan.gradient) + (plan.budget * isolated_factor if plan.trace else 0)
+        self.ggn_steps = 0 if ggn is None else 1 if plan.ggn == "exact" else plan.ggn_samples
+        self.steps += self.ggn_steps
+        self.ggn_sum, self.ggn_var_sum = self.zeros.clone(), self.zeros.clone()
+        self.ggn_count = self.ggn_passes = 0
 
     def _tick(self, n: int) -> None:
         self.done += n
@@ -107,6 +116,9 @@ class Run:
         self.loss.reached = False
         rng = RngReplay(self.devices)
         gradient = self._traces(batch, size, rng) if self.plan.trace else None
+        if self.ggn is not None:
+            rng.replay()  # the dropout stream of the batch, as for the gradient
+            self._ggn(batch, size)
         if self.plan.gradient:
             if gradient is None:
                 rng.replay()
@@ -116,7 +128,8 @@ class Run:
             if self.plan.noise:
                 self.stats.append(self._noise(batch, size, gradient))
             self._tick(1)
-        if not self.loss.reached:
+        # the GGN alone evaluates the outputs, not this loss: only a loss it ran is checked
+        if (self.plan.trace or self.plan.gradient) and not self.loss.reached:
             raise NoGradientPathError(
                 f"the loss of batch {self.batches - 1} does not depend on any parameter of the "
                 f"groups {list(plan.index.names)}: it has no gradient path to them (computed "
@@ -160,6 +173,17 @@ class Run:
             gradient.update(product.gradient or {})
         return gradient
 
+    def _ggn(self, batch: Any, size: int) -> None:
+        exact, samples = self.plan.ggn == "exact", self.plan.ggn_samples
+        mean, stderr, passes = self.ggn.batch(
+            self.loss.values, batch, size, samples=samples, generator=self.gen, exact=exact
+        )
+        self.ggn_sum += size * mean
+        self.ggn_var_sum += (size * stderr).square()
+        self.ggn_count += 0 if exact else samples
+        self.ggn_passes += passes
+        self._tick(self.ggn_steps)
+
     def _noise(self, batch: Any, size: int, gradient: Params) -> BatchGradStats:
         plan, index = self.plan, self.plan.index
         samples = GradientSamples(gradient, self.group_ids, len(index))
@@ -198,6 +222,9 @@ class Run:
         if plan.trace:
             rows["hessian_trace"] = self.trace_sum / n
             rows["hessian_trace_stderr"] = self.trace_var_sum.sqrt() / n
+        if self.ggn is not None:
+            rows["ggn_trace"] = self.ggn_sum / n
+            rows["ggn_trace_stderr"] = self.ggn_var_sum.sqrt() / n
         keys = list(rows)
         values = torch.stack([rows[k] for k in keys]).tolist()  # the one host transfer
         table = {
@@ -212,6 +239,8 @@ class Run:
             fields = {k: col[name] for k, col in table.items()}
             if plan.trace:
                 fields["hessian_probes"] = self.group_probes[g]
+            if self.ggn is not None and plan.ggn == "mc":
+                fields["ggn_samples"] = self.ggn_count
             groups.append(GroupEstimate(name, index.sizes[g], **fields))
         if self.progress is not None:
             self.progress(self.done, self.done)  # complete, also after an early stop
@@ -220,6 +249,7 @@ class Run:
             hvps=self.hvps,
             examples=n,
             batches=self.batches,
+            ggn_passes=self.ggn_passes,
         )
         settings = {
             "hvp_mode": "+".join(self.modes) if plan.trace else None,

@@ -11,6 +11,7 @@ from torch import nn
 from layerwise.sensitivity.errors import MetaTensorError
 
 __all__ = [
+    "KNOWN_QUANTITIES",
     "QUANTITIES",
     "check_call",
     "check_choice",
@@ -19,7 +20,11 @@ __all__ = [
     "check_quantities",
 ]
 
+#: What ``quantities="all"`` (and the default) means: the quantities any ``loss_fn`` gives.
 QUANTITIES = ("grad_norm", "grad_variance", "hessian_trace")
+#: Every quantity that may be asked for, in canonical order: ``ggn_trace`` needs a loss
+#: object (:mod:`layerwise.sensitivity.losses`), so it is asked for by name, never by "all".
+KNOWN_QUANTITIES = (*QUANTITIES, "ggn_trace")
 VARIANCE_METHODS = ("auto", "per_example", "micro_batch", "two_batch")
 
 
@@ -41,7 +46,8 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
 
 
 def check_quantities(quantities: Any) -> tuple[str, ...]:
-    """``"all"``, one quantity name, or an iterable of them -> a tuple in canonical order."""
+    """``"all"`` (:data:`QUANTITIES`), one quantity name, or an iterable of names of
+    :data:`KNOWN_QUANTITIES` -> a tuple in canonical order."""
     if quantities == "all":
         return QUANTITIES
     if isinstance(quantities, str):
@@ -49,14 +55,14 @@ def check_quantities(quantities: Any) -> tuple[str, ...]:
     if not isinstance(quantities, Iterable):
         raise TypeError(f"quantities must be 'all' or an iterable of names, got {quantities!r}")
     chosen = list(quantities)
-    unknown = [q for q in chosen if q not in QUANTITIES]
+    unknown = [q for q in chosen if q not in KNOWN_QUANTITIES]
     if unknown:
-        raise ValueError(f"quantities has unknown names {unknown}; known are {QUANTITIES}")
+        raise ValueError(f"quantities has unknown names {unknown}; known are {KNOWN_QUANTITIES}")
     if not chosen:
         raise ValueError(
-            f"quantities is empty (got {chosen!r}); pass 'all' or some of {QUANTITIES}"
+            f"quantities is empty (got {chosen!r}); pass 'all' or some of {KNOWN_QUANTITIES}"
         )
-    return tuple(q for q in QUANTITIES if q in chosen)
+    return tuple(q for q in KNOWN_QUANTITIES if q in chosen)
 
 
 def check_call(*, model: Any, loss_fn: Any, generator: Any, progress: Any, batch_size: Any) -> None:

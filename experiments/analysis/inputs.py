@@ -1,8 +1,10 @@
 """What ``layerwise analyze`` is told to analyse, resolved and checked before any estimate:
 ``--model`` (a bundled name or a factory, :func:`layerwise.experiments.models.resolve_model`),
 ``--checkpoint``, ``--data`` (a factory returning an iterable of batches: a ``DataLoader``, a
-list, a generator), ``--loss`` (``function(model, batch) -> mean loss``; by default
-cross-entropy on ``(inputs, targets)``) and ``--device``.
+list, a generator), ``--loss`` (:func:`resolve_loss`: a loss object such as
+:class:`layerwise.sensitivity.CrossEntropy`, a factory returning one, or a
+``function(model, batch) -> mean loss``; by default :data:`DEFAULT_CROSS_ENTROPY`,
+cross-entropy on ``(inputs, targets)`` as a loss object) and ``--device``.
 
 Errors in what the user typed are :class:`~layerwise.experiments.errors.UsageError` (exit 2),
 the user's own code failing a :class:`~layerwise.experiments.errors.CLIError` (exit 1), each one
@@ -12,6 +14,7 @@ line naming the option and its value.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -27,10 +30,18 @@ from layerwise.experiments.analysis.checkpoint import check_finite_weights, load
 from layerwise.experiments.errors import CLIError, UsageError, first_line
 from layerwise.experiments.importing import import_object
 from layerwise.experiments.models import call_factory, resolve_model
-from layerwise.sensitivity import leaves_no_trace
+from layerwise.sensitivity import CrossEntropy, OutputLoss, leaves_no_trace
 from layerwise.sensitivity.batching import batch_size_of, cast_batch
 
-__all__ = ["DEFAULT_LOSS", "Inputs", "cross_entropy_loss", "parse_device", "user_inputs"]
+__all__ = [
+    "DEFAULT_CROSS_ENTROPY",
+    "DEFAULT_LOSS",
+    "Inputs",
+    "cross_entropy_loss",
+    "parse_device",
+    "resolve_loss",
+    "user_inputs",
+]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 DEFAULT_LOSS = "cross-entropy (mean over the batch)"
@@ -114,17 +125,60 @@ def _load_batches(spec: str, *, limit: int) -> list[Any]:
     return batches
 
 
-def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Mean cross-entropy of ``model(inputs)`` against class indices ``targets`` for a batch
-    ``(inputs, targets)``: (1/B) Σ_i −log softmax(model(x_i))[y_i], in nats."""
+def _pair(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of ``batch``, or the default loss's usage error."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
         raise UsageError(
             f"the default loss needs batches (inputs, targets), got a "
             f"{type(batch).__name__}{size}; give --loss"
         )
-    inputs, targets = batch
+    return batch[0], batch[1]
+
+
+def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Mean cross-entropy of ``model(inputs)`` against class indices ``targets`` for a batch
+    ``(inputs, targets)``: (1/B) Σ_i −log softmax(model(x_i))[y_i], in nats."""
+    inputs, targets = _pair(batch)
     return F.cross_entropy(model(inputs), targets)
+
+
+def _default_outputs(model: nn.Module, batch: Any) -> torch.Tensor:
+    return model(_pair(batch)[0])
+
+
+def _default_targets(batch: Any) -> torch.Tensor:
+    return _pair(batch)[1]
+
+
+#: The default ``--loss``: :func:`cross_entropy_loss` as a loss object (so ``ggn_trace`` and
+#: the ``curvature_ggn`` policy work on it).
+DEFAULT_CROSS_ENTROPY = CrossEntropy(_default_outputs, _default_targets)
+
+
+def resolve_loss(spec: str) -> LossFn:
+    """``--loss``: the object at the import path ``spec`` when it is a loss object or a
+    function ``loss(model, batch)``, or what it returns when it is a factory called with no
+    arguments (a loss object such as ``CrossEntropy(forward, target)``, or a function)."""
+    obj = import_object(spec, what="--loss")
+    if isinstance(obj, OutputLoss):
+        return obj
+    if not callable(obj):
+        raise UsageError(f"--loss {spec!r} is a {type(obj).__name__}, not a callable")
+    try:
+        inspect.signature(obj).bind()
+    except (TypeError, ValueError):  # takes arguments (or has no signature): the loss itself
+        return obj
+    try:
+        made = obj()
+    except Exception as exc:  # the user's factory failed: one line, chain kept for --debug
+        raise CLIError(f"--loss {spec!r} raised {first_line(exc)}") from exc
+    if not callable(made):
+        raise UsageError(
+            f"--loss {spec!r} is a factory that returned a {type(made).__name__}, not a loss "
+            "object or a function loss(model, batch)"
+        )
+    return made
 
 
 def _first_loss(model: nn.Module, loss_fn: LossFn, batch: Any, *, name: str) -> float:
@@ -167,9 +221,7 @@ def user_inputs(args: Any, *, device: torch.device, dtype: torch.dtype) -> Input
     model = model.to(device=device, dtype=dtype)
     raw = _load_batches(args.data, limit=args.batches)
     batches = [_move_batch(b, device, dtype) for b in raw]
-    loss_fn = cross_entropy_loss if args.loss is None else import_object(args.loss, what="--loss")
-    if not callable(loss_fn):
-        raise UsageError(f"--loss {args.loss!r} is a {type(loss_fn).__name__}, not a callable")
+    loss_fn = DEFAULT_CROSS_ENTROPY if args.loss is None else resolve_loss(args.loss)
     name = "the default loss" if args.loss is None else f"--loss {args.loss!r}"
     manifest = {
         "model": {"source": args.model, "class": type(model).__qualname__},

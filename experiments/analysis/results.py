@@ -30,7 +30,7 @@ FIGURES = ("hessian_trace.png", "grad_variance.png", "noise_to_signal.png", "mul
 OUTPUT_FILES = ("report.csv", "report.json", *FIGURES)
 
 #: The table's columns: (header, right-aligned).
-HEADERS = "group|params|‖θ‖|‖G‖|grad var|noise/signal|tr(H) ± se|curvature|multiplier"
+HEADERS = "group|params|‖θ‖|‖G‖|grad var|noise/signal|tr(H) ± se|curvature|GGN tr ± se|multiplier"
 COLUMNS = [(header, header != "group") for header in HEADERS.split("|")]
 
 
@@ -132,7 +132,8 @@ class Analysis:
         def row(g: Any) -> list[str]:
             numbers = map(_num, (g.param_norm, g.grad_norm, g.grad_variance, g.noise_to_signal))
             trace = f"{_num(g.hessian_trace)} ± {_num(g.hessian_trace_stderr, 2)}"
-            ends = [_num(g.curvature), _num(multipliers.get(g.group))]
+            ggn = f"{_num(g.ggn_trace)} ± {_num(g.ggn_trace_stderr, 2)}"
+            ends = [_num(g.curvature), ggn, _num(multipliers.get(g.group))]
             return [g.group, str(g.num_params), *numbers, trace, *ends]
 
         title = (
@@ -156,11 +157,13 @@ class Analysis:
         signal = {"noise = signal": 1.0}
         multipliers = [p["multipliers"].get(n) for n in r.names]
         fallback = f" (fallback: {p['event']})" if p["fallback"] else ""
+        curvature = [panel("hessian_trace", "tr(H_gg)"), panel("curvature", "tr(H_gg) / n_g")]
+        title = f"Hessian trace and curvature per parameter ± stderr ({r.cost.probes} probes)"
+        if any(g.ggn_trace is not None for g in r):  # the Gauss-Newton trace beside it
+            curvature += [panel("ggn_trace", "tr(G_gg)"), panel("ggn_curvature", "tr(G_gg) / n_g")]
+            title += "; Gauss-Newton (G) likewise"
         return {
-            "hessian_trace.png": (
-                [panel("hessian_trace", "tr(H_gg)"), panel("curvature", "tr(H_gg) / n_g")],
-                f"Hessian trace and curvature per parameter ± stderr ({r.cost.probes} probes)",
-            ),
+            "hessian_trace.png": (curvature, title),
             "grad_variance.png": (
                 [panel("grad_variance", "tr(Σ_g) / n_g", log=True)],
                 "gradient variance per parameter ± stderr",

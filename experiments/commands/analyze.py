@@ -27,8 +27,12 @@ examples:
       --data mypkg.data:train_batches --strategy module --policy noise --out analysis/
 
 --model (a bundled name or a factory), --data (a factory returning an iterable of batches)
-and --loss (loss(model, batch) -> mean loss; default: cross-entropy on (inputs, targets))
-are import paths; the grouping flags are those of `layerwise groups`. --out DIR receives
+and --loss (loss(model, batch) -> mean loss, or a loss object or a factory returning one,
+e.g. layerwise.sensitivity.CrossEntropy(forward, target); default: cross-entropy on
+(inputs, targets), a loss object) are import paths; the grouping flags are those of
+`layerwise groups`. --quantities picks what is estimated (default: all, which leaves out
+ggn_trace); the policy's own quantities are always added, so --policy curvature_ggn
+estimates ggn_trace, which needs a loss object. --out DIR receives
 report.csv (a row per group, with the policy's multiplier and reason), report.json (the
 report, the policy's decision and the manifest: model, checkpoint and data SHA-256, groups,
 estimator, seed, versions, device, dtype) and four PNG plots; a DIR holding earlier results
@@ -55,6 +59,8 @@ def _checked(cast: Callable[[str], Any], ok: Callable[[Any], bool], expected: st
 
 def register(subparsers: Any) -> None:
     from layerwise.policies import RULES
+    from layerwise.sensitivity import KNOWN_QUANTITIES
+    from layerwise.sensitivity.ggn import GGN_MODES
 
     p = subparsers.add_parser(
         "analyze",
@@ -67,7 +73,9 @@ def register(subparsers: Any) -> None:
     src.add_argument("--model", metavar="NAME|PKG.MOD:FACTORY", help="the model or its factory")
     src.add_argument("--checkpoint", metavar="PATH", help="state dict (or dict holding one)")
     src.add_argument("--data", metavar="PKG.MOD:FACTORY", help="factory returning batches")
-    src.add_argument("--loss", metavar="PKG.MOD:FUNCTION", help="loss(model, batch) -> mean")
+    src.add_argument(
+        "--loss", metavar="PKG.MOD:NAME", help="loss(model, batch) -> mean, or a loss object"
+    )
     add_grouping_arguments(p)
     est = p.add_argument_group("estimator")
     positive = _checked(int, lambda v: v >= 1, "a positive integer")
@@ -81,6 +89,17 @@ def register(subparsers: Any) -> None:
     est.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     tolerance = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
     est.add_argument("--tolerance", type=tolerance, metavar="REL", help=TOLERANCE)
+    est.add_argument(
+        "--quantities", nargs="+", choices=("all", *KNOWN_QUANTITIES), default=["all"],
+        metavar="Q", help=f"what to estimate: all (the default) or some of {KNOWN_QUANTITIES}",
+    )  # fmt: skip
+    est.add_argument(
+        "--ggn", choices=GGN_MODES, default="mc", help="ggn_trace: sampled labels or exact (mc)"
+    )
+    est.add_argument(
+        "--ggn-samples", type=positive, default=4, metavar="N",
+        help="label samples per batch for --ggn mc (4)",
+    )  # fmt: skip
     p.add_argument(
         "--policy", choices=tuple(RULES), default="curvature", help="multipliers to show"
     )
@@ -122,13 +141,42 @@ def _progress(description: str) -> Iterator[Callable[[int, int], None] | None]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def quantities_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The quantities to estimate: ``--quantities`` (``all``: those any loss gives) and those
+    the ``--policy`` rule reads, in the estimator's order."""
+    from layerwise.policies import make_rule
+    from layerwise.sensitivity import KNOWN_QUANTITIES, QUANTITIES
+
+    wanted = set(make_rule(args.policy).quantities)
+    for q in args.quantities:
+        wanted.update(QUANTITIES if q == "all" else (q,))
+    return tuple(q for q in KNOWN_QUANTITIES if q in wanted)
+
+
+def _check_loss(inputs: Any, quantities: tuple[str, ...], args: argparse.Namespace) -> None:
+    """``ggn_trace`` needs a loss object: refuse a plain ``--loss`` before any estimate."""
+    from layerwise.sensitivity import OutputLoss
+
+    if "ggn_trace" in quantities and not isinstance(inputs.loss_fn, OutputLoss):
+        why = "--policy " + args.policy if "ggn_trace" not in args.quantities else "--quantities"
+        raise UsageError(
+            f"ggn_trace (asked for by {why}) needs --loss to give a loss object, e.g. a factory "
+            "returning layerwise.sensitivity.CrossEntropy(forward, target); --loss "
+            f"{args.loss!r} gives a plain function"
+        )
+
+
 def _estimate(inputs: Any, groups: Any, args: argparse.Namespace, dtype: Any) -> Any:
-    """:func:`layerwise.sensitivity.estimate` of every quantity; a failure inside the user's
-    model or loss is one line (exit 1)."""
+    """:func:`layerwise.sensitivity.estimate` of :func:`quantities_of`; a failure inside the
+    user's model or loss is one line (exit 1)."""
     from layerwise.sensitivity import EstimateOptions, estimate
 
     settings = {name: getattr(args, name) for name in ("probes", "seed", "tolerance")}
-    options = {"groups": groups.mapping(), "options": EstimateOptions(**settings, dtype=dtype)}
+    settings.update(ggn=args.ggn, ggn_samples=args.ggn_samples)
+    options = {
+        "groups": groups.mapping(),
+        "options": EstimateOptions(**settings, dtype=dtype, quantities=quantities_of(args)),
+    }
     with _progress("estimating") as progress:
         try:
             return estimate(
@@ -161,10 +209,11 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             inputs = analysis.user_inputs(args, device=device, dtype=dtype)
+    _check_loss(inputs, quantities_of(args), args)
     groups = build_groups(inputs.model, grouping)
     report = _estimate(inputs, groups, args, dtype)
     policy = analysis.suggest(report, args.policy)
-    settings = ("probes", "batches", "tolerance", "seed")
+    settings = ("probes", "batches", "tolerance", "seed", "quantities", "ggn", "ggn_samples")
     manifest = {
         "command": "analyze",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -6,7 +6,9 @@ ever calls
 * ``task.build_model(seed)`` -> a fresh ``torch.nn.Module`` (same seed, same weights),
 * ``task.data(cache_dir)`` -> :class:`Splits` (train / validation / test tensors),
 * ``task.loss_fn(model, batch)`` -> the **mean** loss over the batch (the project's loss
-  contract, see ``docs/design.md``),
+  contract, see ``docs/design.md``); with the default criterion it is a
+  :class:`layerwise.sensitivity.CrossEntropy` loss object, so the Gauss-Newton trace
+  (``ggn_trace``, the ``curvature_ggn`` policy) is available on every bundled task,
 * ``task.evaluate(model, inputs, targets)`` -> (mean loss, mean metric) over a split,
 
 and reads ``task.budget`` (steps, batch size, evaluation interval, target validation
@@ -18,6 +20,7 @@ output layer, as :func:`layerwise.policies.group_parameters` takes its ``head=``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -27,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from layerwise.sensitivity import CrossEntropy
 
 __all__ = [
     "Budget",
@@ -44,6 +49,18 @@ Criterion = Callable[[Tensor, Tensor], Tensor]
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy (nats per example) of logits ``outputs`` against class indices."""
     return F.cross_entropy(outputs, targets)
+
+
+def model_outputs(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+    """The model's outputs on the inputs of ``batch = (inputs, targets)``."""
+    inputs, _ = batch
+    return model(inputs)
+
+
+def batch_targets(batch: Sequence[Tensor]) -> Tensor:
+    """The targets of ``batch = (inputs, targets)``."""
+    _, targets = batch
+    return targets
 
 
 def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -131,6 +148,11 @@ class Budget:
             raise ValueError(f"target must be a finite number, got {self.target!r}")
 
 
+def _criterion_loss(criterion: Criterion, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+    inputs, targets = batch
+    return criterion(model(inputs), targets)
+
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -197,10 +219,15 @@ class Task:
             raise TypeError(f"task {self.name!r}: load_data returned {type(splits).__name__}")
         return splits
 
-    def loss_fn(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-        """Mean loss of ``model`` over ``batch = (inputs, targets)``."""
-        inputs, targets = batch
-        return self.criterion(model(inputs), targets)
+    @property
+    def loss_fn(self) -> Callable[[nn.Module, Sequence[Tensor]], Tensor]:
+        """``loss_fn(model, batch)``, the mean loss of ``model`` over ``batch = (inputs,
+        targets)``: a :class:`layerwise.sensitivity.CrossEntropy` when the criterion is
+        :func:`cross_entropy` (outputs and loss split, for the Gauss-Newton trace), else
+        ``criterion(model(inputs), targets)``."""
+        if self.criterion is cross_entropy:
+            return CrossEntropy(model_outputs, batch_targets)
+        return functools.partial(_criterion_loss, self.criterion)
 
     @torch.no_grad()
     def evaluate(

@@ -11,9 +11,19 @@ import torch
 
 from layerwise.engine import DEFAULT_PROBES, LayerwiseOptimizer, required_quantities
 from layerwise.policies import RULES, SensitivityController
-from layerwise.sensitivity import QUANTITIES, EstimateOptions
+from layerwise.sensitivity import (
+    KNOWN_QUANTITIES,
+    QUANTITIES,
+    CrossEntropy,
+    EstimateOptions,
+    GGNLossError,
+)
 
-from .helpers import data, loss_fn, mlp, named_groups
+from .helpers import data, mlp, named_groups
+from .helpers import loss_fn as plain_loss_fn
+
+# the helpers' loss as a loss object, so that a rule may read the Gauss-Newton trace
+loss_fn = CrossEntropy(lambda model, batch: model(batch[0]), lambda batch: batch[1])
 
 
 def _reports(controller, estimator, steps: int = 2) -> list:
@@ -35,7 +45,7 @@ def _reports(controller, estimator, steps: int = 2) -> list:
 @pytest.mark.parametrize("rule", [*RULES, "curvature+noise"])
 def test_quantities_default_to_what_the_rule_declares_plus_grad_norm(rule):
     controller = SensitivityController(rule, max_rel_stderr=math.inf)
-    expected = tuple(q for q in QUANTITIES if q in {*controller.rule.quantities, "grad_norm"})
+    expected = tuple(q for q in KNOWN_QUANTITIES if q in {*controller.rule.quantities, "grad_norm"})
     assert required_quantities(controller) == expected
     (report, *_) = _reports(controller, None, steps=1)
     assert report.settings["quantities"] == list(expected)
@@ -110,4 +120,17 @@ def test_bad_options_fail_at_construction_not_at_the_first_recalibration():
         LayerwiseOptimizer(
             torch.optim.SGD(named_groups(net), lr=0.1), model=net, loss_fn=loss_fn,
             controller="curvature", recalibrate_every=10**6, estimator={"max_probes": 8},
+        )  # fmt: skip
+
+
+def test_a_rule_reading_the_ggn_trace_gets_it_and_a_plain_loss_is_refused_at_once():
+    controller = SensitivityController("curvature_ggn", max_rel_stderr=math.inf)
+    (report, *_) = _reports(controller, {"ggn_samples": 3}, steps=1)
+    assert report.settings["quantities"] == ["grad_norm", "ggn_trace"]
+    assert {e.ggn_samples for e in report} == {3} and all(e.hessian_trace is None for e in report)
+    net = mlp()
+    with pytest.raises(GGNLossError, match="ggn_trace needs the split"):
+        LayerwiseOptimizer(
+            torch.optim.SGD(named_groups(net), lr=0.1), model=net, loss_fn=plain_loss_fn,
+            controller="curvature_ggn", recalibrate_every=10**6,
         )  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from layerwise.engine.distributed import local_mean_gradient, pool_reports
-from layerwise.sensitivity import estimate, two_batch_noise
+from layerwise.sensitivity import CrossEntropy, estimate, two_batch_noise
 
 from .helpers import loss_fn, mlp, named_groups
 
@@ -118,3 +118,32 @@ def test_pool_reports_needs_two_ranks():
     )
     with pytest.raises(ValueError, match=">= 2 ranks"):
         pool_reports(reports, local_sq, global_sq, [8], [None])
+
+
+def test_pooled_ggn_is_the_concatenated_batchs_with_a_bounding_stderr():
+    net, mapping, x, y = _setup(12)
+    ce = CrossEntropy(lambda model, batch: model(batch[0]), lambda batch: batch[1])
+    sizes = [3, 4, 5]
+    bounds = list(itertools.pairwise([0, 3, 7, 12]))
+
+    def ranks(**options):
+        return [
+            estimate(net, ce, (x[a:b], y[a:b]), groups=mapping, quantities=["ggn_trace"],
+                     generator=torch.Generator().manual_seed(7), **options)
+            for a, b in bounds
+        ]  # fmt: skip
+
+    pooled = pool_reports(ranks(ggn="exact"), [{}] * 3, {}, sizes, [None] * 3, noise=False)
+    whole = estimate(net, ce, (x, y), groups=mapping, quantities=["ggn_trace"], ggn="exact")
+    for name in mapping:
+        assert pooled[name].ggn_trace == pytest.approx(whole[name].ggn_trace, rel=1e-10)
+        assert pooled[name].ggn_trace_stderr == 0.0 and pooled[name].grad_norm is None
+    sampled = ranks(ggn_samples=3)
+    pooled = pool_reports(sampled, [{}] * 3, {}, sizes, [None] * 3, noise=False)
+    for name in mapping:
+        ses = [r[name].ggn_trace_stderr for r in sampled]
+        assert pooled[name].ggn_trace_stderr == pytest.approx(
+            sum(b / 12 * s for b, s in zip(sizes, ses, strict=True)), rel=1e-12
+        )
+        assert pooled[name].ggn_samples == 3
+    assert pooled.cost.ggn_passes == 3

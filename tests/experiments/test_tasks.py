@@ -13,6 +13,7 @@ import torch
 from layerwise.experiments.errors import UsageError
 from layerwise.experiments.tasks import TASKS, Budget, Recipe, Splits, Task, get_task, holdout
 from layerwise.experiments.tasks.sequence import generate_query_count
+from layerwise.sensitivity import CrossEntropy, estimate
 
 # Small options keep the transfer task's pre-training short in tests.
 OPTIONS = {"transfer_mnist1d": {"pretrain_steps": 5}}
@@ -42,6 +43,10 @@ def test_task_contract(name, cache):
     x, y = splits.train
     loss = task.loss_fn(model_a, (x[:16], y[:16]))
     assert loss.dim() == 0 and torch.isfinite(loss)
+    # the loss is a loss object: the Gauss-Newton trace is available on every bundled task
+    assert isinstance(task.loss_fn, CrossEntropy)
+    ggn = estimate(model_a, task.loss_fn, (x[:8], y[:8]), quantities=["ggn_trace"], ggn_samples=2)
+    assert ggn.is_finite() and all(g.ggn_trace >= 0 for g in ggn)
     val_loss, val_metric = task.evaluate(model_a, *splits.val, chunk=100)
     assert 0.0 <= float(val_metric) <= 1.0 and torch.isfinite(val_loss)
     # the head patterns name exactly the output layer
@@ -155,3 +160,16 @@ def test_errors_name_the_argument():
         get_task("transfer_mnist1d", finetune_train=0)
     with pytest.raises(TypeError, match="train must hold tensors"):
         Splits(([1], [1]), (torch.zeros(1), torch.zeros(1)), (torch.zeros(1), torch.zeros(1)))
+
+
+def test_a_custom_criterion_gives_a_plain_loss_function():
+    import dataclasses
+
+    base = get_task("digits_mlp")
+    task = dataclasses.replace(base, criterion=lambda out, y: 2 * torch.nn.functional.l1_loss(
+        out.softmax(-1), torch.nn.functional.one_hot(y, out.shape[-1]).to(out.dtype)))  # fmt: skip
+    model = task.build_model(0)
+    x, y = torch.randn(4, 64), torch.tensor([0, 1, 2, 3])
+    assert not isinstance(task.loss_fn, CrossEntropy)
+    assert torch.equal(task.loss_fn(model, (x, y)), task.criterion(model(x), y))
+    assert torch.equal(base.loss_fn(model, (x, y)), torch.nn.functional.cross_entropy(model(x), y))

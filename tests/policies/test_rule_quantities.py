@@ -15,9 +15,16 @@ from torch.nn import functional as F
 
 from layerwise.policies import RULES, SensitivityController, make_rule
 from layerwise.policies.rules import CurvatureRule
-from layerwise.sensitivity import QUANTITIES, GroupEstimate, SensitivityReport, estimate
+from layerwise.sensitivity import (
+    KNOWN_QUANTITIES,
+    QUANTITIES,
+    CrossEntropy,
+    GroupEstimate,
+    SensitivityReport,
+    estimate,
+)
 
-SPECS = [*RULES, "curvature+noise", "curvature+noise+trust_ratio"]
+SPECS = [*RULES, "curvature+noise", "curvature+noise+trust_ratio", "curvature_ggn+noise"]
 
 
 def _estimated(quantities: tuple[str, ...]) -> SensitivityReport:
@@ -26,7 +33,9 @@ def _estimated(quantities: tuple[str, ...]) -> SensitivityReport:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
-    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    # a loss object: every quantity, the Gauss-Newton trace included, can be estimated
+    loss = CrossEntropy(lambda m, b: m(b[0]), lambda b: b[1])
+    assert loss(net, (x, y)) == F.cross_entropy(net(x), y)
     if quantities:
         return estimate(net, loss, (x, y), quantities=quantities, probes=16, seed=1)
     base = estimate(net, loss, (x, y), quantities=["grad_norm"])
@@ -55,7 +64,7 @@ def _sufficient(rule) -> list[str]:
 def test_declared_quantities_are_known_and_in_canonical_order(spec):
     declared = make_rule(spec).quantities
     assert isinstance(declared, tuple)
-    assert declared == tuple(q for q in QUANTITIES if q in declared)
+    assert declared == tuple(q for q in KNOWN_QUANTITIES if q in declared)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -66,6 +75,7 @@ def test_declared_quantities_are_sufficient(spec):
 def test_a_composition_reads_the_union_of_its_parts():
     assert make_rule("curvature+trust_ratio").quantities == ("grad_norm", "hessian_trace")
     assert make_rule("uniform+noise").quantities == ("grad_norm", "grad_variance")
+    assert make_rule("curvature_ggn+trust_ratio").quantities == ("grad_norm", "ggn_trace")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ Not ``torch.func.hessian``: in torch 2.13 it returns a wrong, asymmetric Hessian
 ``F.layer_norm`` with affine parameters (``jacrev(jacrev)`` and ``jacfwd(jacfwd)`` alike;
 cf. pytorch/pytorch#196700), while ``jvp``/``vjp`` of ``grad`` and plain double backward
 agree with finite differences. :func:`dense_hessian` checks the symmetry of its result.
+(:func:`dense_ggn` does use ``torch.func.hessian``, but only of the criterion in the
+outputs, a cross-entropy or a squared error, not of a model.)
 """
 
 from __future__ import annotations
@@ -141,3 +143,48 @@ def hutchinson_reference(
         for i, g in enumerate(groups):
             out[g] = (z[:, i].mean().item(), (z[:, i].std() / probes**0.5).item())
     return out
+
+
+def dense_ggn(case: Case, names: Sequence[str]) -> tuple[torch.Tensor, list[slice]]:
+    """The generalised Gauss-Newton matrix Jᵀ H_out J of the mean loss w.r.t. ``names``:
+    J the Jacobian of the whole batch's outputs (``torch.func.jacrev`` over the flat
+    parameters; scaled-dot-product attention on its math backend), H_out the Hessian of
+    ``case.criterion`` in the outputs (``torch.func.hessian``); checked symmetric PSD."""
+    from torch.func import hessian as func_hessian
+    from torch.func import jacrev
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = copy.deepcopy(case.model)
+    replace_all_batch_norm_modules_(model)
+    own = dict(model.named_parameters())
+    shapes = [own[n].shape for n in names]
+    sizes = [own[n].numel() for n in names]
+    fixed = {n: p.detach() for n, p in own.items() if n not in names}
+
+    def outputs(flat: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, sizes)
+        values = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        return functional_call(model, {**fixed, **values}, (case.inputs,))
+
+    flat = torch.cat([own[n].detach().reshape(-1) for n in names])
+    with sdpa_kernel(SDPBackend.MATH):
+        jac = jacrev(outputs)(flat).reshape(-1, flat.numel())
+        z = outputs(flat).detach()
+    h_out = func_hessian(lambda out: case.criterion(out, case.targets))(z)
+    h_out = h_out.reshape(z.numel(), z.numel())
+    g = jac.T @ h_out @ jac
+    assert torch.allclose(g, g.T, atol=1e-12), "reference GGN is not symmetric"
+    assert torch.linalg.eigvalsh(g).min() > -1e-10 * max(1.0, g.abs().max().item())
+    bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    return g, [slice(a, b) for a, b in pairwise(bounds)]
+
+
+def ggn_block_traces(case: Case, groups: dict[str, list[str]]) -> dict[str, float]:
+    """Exact tr(G_gg) for every group, from :func:`dense_ggn`."""
+    names = [n for members in groups.values() for n in members]
+    g, slices = dense_ggn(case, names)
+    where = dict(zip(names, slices, strict=True))
+    return {
+        name: sum(g[where[n], where[n]].trace().item() for n in members)
+        for name, members in groups.items()
+    }

@@ -40,6 +40,10 @@ BAD = [
     ("tolerance", True, TypeError, "tolerance must be a number or None, got True"),
     ("max_probes", 64, ValueError, "max_probes=64 is a budget for the stopping rule and needs"),
     ("example_chunk_size", 0, ValueError, "example_chunk_size must be >= 1, got 0"),
+    ("ggn", "dense", ValueError, r"ggn must be one of \('mc', 'exact'\), got 'dense'"),
+    ("ggn_samples", 0, ValueError, "ggn_samples must be >= 1, got 0"),
+    ("ggn_samples", 1.5, TypeError, "ggn_samples must be an int, got 1.5"),
+    ("ggn_sampler", "fisher", ValueError, r"ggn_sampler must be one of .* got 'fisher'"),
 ]  # fmt: skip
 
 
