@@ -13,6 +13,7 @@ from layerwise.sensitivity.errors import (
     NotMeasurableError,
 )
 from layerwise.sensitivity.estimate import estimate
+from layerwise.sensitivity.factorised import ExampleNorms, example_norms
 from layerwise.sensitivity.functional import FunctionalLoss, leaves_no_trace
 from layerwise.sensitivity.groups import GroupIndex, default_groups, resolve_groups
 from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
@@ -30,6 +31,7 @@ __all__ = [
     "DoubleBackwardError",
     "EstimateCost",
     "EstimateOptions",
+    "ExampleNorms",
     "FunctionalLoss",
     "GroupEstimate",
     "GroupIndex",
@@ -43,6 +45,7 @@ __all__ = [
     "default_groups",
     "draw_probes",
     "estimate",
+    "example_norms",
     "hutchinson_samples",
     "leaves_no_trace",
     "make_generator",

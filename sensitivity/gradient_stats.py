@@ -109,6 +109,25 @@ class GradientSamples:
         self.count += count
         self.weight += sum(w)
 
+    def add_norms(self, sq: Params, dot: Params, total: Params | None = None) -> None:
+        """Add samples m_j (unit weights) given only their squared norms ‖m_j‖² and dots
+        m_j·c with the centre, each a (count,) tensor per parameter: then
+        d_j = ‖m_j‖² − 2 m_j·c + ‖c‖² and (m_j − c)·c = m_j·c − ‖c‖², the same sums as
+        :meth:`add` without the samples (:mod:`layerwise.sensitivity.factorised`).
+        ``total``: Σ_j m_j for the parameters it names; the others' samples average to the
+        centre exactly."""
+        count = sq[self.names[0]].shape[0]
+        sq_c = {n: self.centre[n].square().sum() for n in self.names}
+        d = self._per_group([sq[n] - 2 * dot[n] + sq_c[n] for n in self.names])
+        p = self._per_group([dot[n] - sq_c[n] for n in self.names])
+        self.sum_d += d.sum(0)
+        self.sum_d2 += d.square().sum(0)
+        self.sum_wp2 += p.square().sum(0)
+        for n, t in (total or {}).items():
+            self.sum_diff[n] += t - count * self.centre[n]
+        self.count += count
+        self.weight += count
+
     def finish(self, method: str = "per_example") -> BatchGradStats:
         """Per-group estimates by ``method`` ("per_example", "micro_batch": the unbiased
         ANOVA estimate above; "two_batch": McCandlish et al. from the same samples)."""

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from layerwise.sensitivity.errors import NoGradientPathError
+from layerwise.sensitivity.factorised import ExampleNorms, example_norms
 from layerwise.sensitivity.functional import FunctionalLoss, RngReplay
 from layerwise.sensitivity.gradient_stats import (
     BatchGradStats,
@@ -22,14 +23,11 @@ from layerwise.sensitivity.groups import GroupIndex
 from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
 from layerwise.sensitivity.hvp import HessianProduct, loss_gradient
 from layerwise.sensitivity.microbatch import accumulate_micro_batches
-from layerwise.sensitivity.per_example import accumulate_per_example
 from layerwise.sensitivity.report import EstimateCost, GroupEstimate, SensitivityReport
 
 __all__ = ["Plan", "Run"]
 
 Params = dict[str, torch.Tensor]
-#: Per-example gradient entries held at once when ``example_chunk_size`` is None.
-EXAMPLE_CHUNK_ELEMENTS = 2**25
 
 
 @dataclass(frozen=True)
@@ -79,6 +77,7 @@ class Run:
         self.examples = self.batches = self.hvps = self.done = 0
         self.modes: dict[str, None] = {}
         self.fell_back: str | None = None
+        self.vmapped: dict[str, None] = {}  # parameters whose per-example norms used vmap
         isolated_factor = g if plan.isolated else 1
         self.steps = int(plan.gradient) + (plan.budget * isolated_factor if plan.trace else 0)
 
@@ -108,13 +107,19 @@ class Run:
         rng = RngReplay(self.devices)
         gradient = self._traces(batch, size, rng) if self.plan.trace else None
         if self.plan.gradient:
-            if gradient is None:
+            norms = None
+            if self.plan.noise and self.plan.method == "per_example":  # one pass: c and norms
+                rng.replay()
+                norms = example_norms(self.loss, batch, size, self.plan.example_chunk_size)
+                gradient = norms.gradient
+                self.vmapped.update(dict.fromkeys(norms.fallback))
+            elif gradient is None:
                 rng.replay()
                 gradient = loss_gradient(self.loss, self.loss.values, batch)
             for n, g in gradient.items():
                 self.grad_sum[n] += size * g
             if self.plan.noise:
-                self.stats.append(self._noise(batch, size, gradient))
+                self.stats.append(self._noise(batch, size, gradient, norms))
             self._tick(1)
         if not self.loss.reached:
             raise NoGradientPathError(
@@ -160,14 +165,13 @@ class Run:
             gradient.update(product.gradient or {})
         return gradient
 
-    def _noise(self, batch: Any, size: int, gradient: Params) -> BatchGradStats:
+    def _noise(
+        self, batch: Any, size: int, gradient: Params, norms: ExampleNorms | None
+    ) -> BatchGradStats:
         plan, index = self.plan, self.plan.index
         samples = GradientSamples(gradient, self.group_ids, len(index))
-        if plan.method == "per_example":
-            chunk = plan.example_chunk_size or max(
-                1, min(size, EXAMPLE_CHUNK_ELEMENTS // max(1, sum(index.sizes)))
-            )
-            accumulate_per_example(samples, self.loss, self.loss.values, batch, size, chunk)
+        if norms is not None:
+            samples.add_norms(norms.sq, norms.dot, norms.total)
         else:
             accumulate_micro_batches(
                 samples, self.loss, self.loss.values, batch, size, plan.micro_batches
@@ -226,4 +230,11 @@ class Run:
             "variance": plan.method if plan.noise else None,
             "hvp_fallback": self.fell_back,
         }
+        if plan.noise and plan.method == "per_example":
+            vmapped = [p for p in index.params if p in self.vmapped]
+            settings["per_example"] = (
+                "factorised" if not vmapped else "vmap" if len(vmapped) == len(index.params)
+                else "factorised+vmap"
+            )  # fmt: skip
+            settings["per_example_vmap"] = vmapped
         return SensitivityReport(tuple(groups), cost, settings)
