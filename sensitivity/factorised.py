@@ -182,13 +182,17 @@ def example_norms(
     else:
         grads = (None,) * (len(live) + len(aliases))
     direct = dict(zip(live, grads[: len(live)], strict=True))
-    gradient = {n: torch.zeros_like(values[n]) if g is None else g for n, g in direct.items()}
+    gradient: dict[str, torch.Tensor | None] = dict(direct)
     terms: dict[str, list[Any]] = {n: [] for n in live}
     budget: dict[str, int] = dict.fromkeys(live, 0)
     for (call, local, _), g in zip(aliases, grads[len(live) :], strict=True):
         name = call.names[local]
         if g is not None:
-            gradient[name] = gradient[name] + g
+            have = gradient[name]
+            gradient[name] = g if have is None else have + g
+    for n, g in gradient.items():
+        if g is None:  # the loss does not use the parameter
+            gradient[n] = torch.zeros_like(values[n])
     for call in capture.calls:
         if call.delta is None:
             continue  # the output does not reach the loss: no contribution
@@ -203,9 +207,13 @@ def example_norms(
             done = example_sq_norms_and_dots(terms[n], gradient[n], size, budget[n], chunk)
         if done is None:
             fallback.append(n)
-            continue
-        sq[n], dot[n] = done[0] * size**2, done[1] * size  # δ is that of the mean loss
+        else:
+            sq[n], dot[n] = done
     del capture, terms
+    if sq:  # δ is that of the mean loss: g_i = B × (example i's part), scaled all at once
+        fast = list(sq)
+        sq = dict(zip(fast, torch.stack(list(sq.values())).mul_(size**2).unbind(0), strict=True))
+        dot = dict(zip(fast, torch.stack(list(dot.values())).mul_(size).unbind(0), strict=True))
     total = _fallback(loss, gradient, batch, size, fallback, chunk, sq, dot)
     order = list(live)
     return ExampleNorms(

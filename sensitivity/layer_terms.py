@@ -8,7 +8,7 @@ on example i only through row i of y is ∂ℓ_i/∂θ = Σ_t ∂y_it/∂θ ᵀ 
 
 * :class:`Outer` -- g_i = Σ_t a_it ⊗ b_it in K blocks: ``Linear`` weight (a = δ, b = x,
   K = 1; T = the positions of a sequence input, 1 without), ``Conv1d``/``Conv2d`` weight
-  (a = δ, b = the unfolded input patch (im2col), K = groups, the weight reshaped to
+  (a = δ, b = the input patch (im2col, one strided copy), K = groups, the weight reshaped to
   (K, out/K, in/K · kernel));
 * :class:`Index` -- g_i = Σ_t e_{id_it} ⊗ b_it: ``Embedding`` weight (id the token, b = δ;
   positions at ``padding_idx`` get no gradient and are zeroed);
@@ -125,18 +125,31 @@ def _conv_save(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _patches(x: torch.Tensor, kernel, dilation, stride, out: tuple[int, ...]) -> torch.Tensor:
+    """im2col of a padded (n, C, H, W) input: (n, C·kh·kw, Ho·Wo) in ``F.unfold``'s order,
+    by one strided copy (several times faster than ``F.unfold`` on a CPU)."""
+    x = x.contiguous()
+    sn, sc, sh, sw = x.stride()
+    view = x.as_strided(
+        (x.shape[0], x.shape[1], kernel[0], kernel[1], out[0], out[1]),
+        (sn, sc, dilation[0] * sh, dilation[1] * sw, stride[0] * sh, stride[1] * sw),
+    )
+    return view.reshape(x.shape[0], -1, out[0] * out[1])
+
+
 def _conv_terms(m: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> dict[str, Term]:
     one_d = x.dim() == 3
     kernel = (1, *m.kernel_size) if one_d else m.kernel_size
     dilation = (1, *m.dilation) if one_d else m.dilation
     stride = (1, *m.stride) if one_d else m.stride
+    out = (1, delta.shape[2]) if one_d else tuple(delta.shape[2:])
     k = m.groups
     length = delta[0, 0].numel()
     rows, cols = m.out_channels // k, m.weight.shape[1:].numel()
 
     def make(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs = x[s:e].unsqueeze(2) if one_d else x[s:e]
-        patches = F.unfold(xs, kernel, dilation=dilation, stride=stride)  # (c, Cin·k, L)
+        patches = _patches(xs, kernel, dilation, stride, out)  # (c, Cin·k, L)
         b = patches.reshape(e - s, k, cols, length).transpose(2, 3)
         a = delta[s:e].reshape(e - s, k, rows, length).transpose(2, 3)
         return a, b

@@ -11,8 +11,10 @@ of a tied weight concatenate along the positions t), in each block k:
     g_i·C  = Σ_t a_itᵀ C b_it + Σ_s C[id_is]·β_is
 
 The Gram form holds (T × T) numbers per example and block, materialising g_i holds
-rows × cols; :func:`example_sq_norms_and_dots` takes the smaller (T² <= rows·cols: Gram),
-and works through the examples in chunks so that no temporary exceeds ``budget``
+rows × cols; :func:`example_sq_norms_and_dots` takes the one that does less work
+(:func:`_gram_is_cheaper`: the Gram form without positions, T = 1, and for embeddings;
+materialising for convolutions and long sequences through wide layers), and works
+through the examples in chunks so that no temporary exceeds ``budget``
 elements (the layer's activations, or 2**20, whichever is larger), so no tensor has
 B × (number of parameters) elements. Direct terms (biases, norm weights: a (B, *shape)
 gradient, small) are summed and reduced as they are.
@@ -73,12 +75,11 @@ def example_sq_norms_and_dots(
     if blocks * rows * cols != centre.numel():
         return None
     c = centre.reshape(blocks, rows, cols)
-    length = sum(t.length for t in terms)
-    gram = length * length <= rows * cols
+    dense_len, index_len = sum(t.length for t in dense), sum(t.length for t in index)
+    gram = _gram_is_cheaper(dense_len, index_len, rows, cols)
+    length = dense_len + index_len
     per_example = blocks * max(length * length if gram else rows * cols, length * (rows + cols))
-    if budget is None:
-        budget = MIN_BUDGET
-    step = max(1, max(budget, MIN_BUDGET) // max(1, per_example))
+    step = max(1, max(budget or 0, MIN_BUDGET) // max(1, per_example))
     if chunk is not None:
         step = min(step, chunk)
     sq, dot = [], []
@@ -89,7 +90,25 @@ def example_sq_norms_and_dots(
         part = _gram(a, b, ids, beta, c) if gram else _materialised(a, b, ids, beta, c)
         sq.append(part[0])
         dot.append(part[1])
-    return torch.cat(sq), torch.cat(dot)
+    return (sq[0], dot[0]) if len(sq) == 1 else (torch.cat(sq), torch.cat(dot))
+
+
+def _gram_is_cheaper(dense: int, index: int, rows: int, cols: int) -> bool:
+    """Compare the work per example and block, in multiply-adds, with a pass over memory
+    counted as 4 (it runs about that much slower than a matrix product on a CPU): the
+    Gram form costs T²(rows + cols) for the Gram matrices plus T·rows·cols for g_i·C;
+    materialising costs T·rows·cols for g_i and three passes over its rows·cols entries.
+    Index terms (embeddings) cost T·cols either way in their own products."""
+    t = dense + index
+    gram = dense * dense * (rows + cols) + t * index * cols + dense * rows * cols + 4 * t * t
+    materialised = dense * rows * cols + index * cols + 12 * rows * cols
+    return gram <= materialised
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ over all but the first dim of x ⊙ y, as one batched product (no temporary)."""
+    n = x.shape[0]
+    return (x.reshape(n, 1, -1) @ y.reshape(n, -1, 1)).reshape(n)
 
 
 def _cat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor | None, ...]:
@@ -105,15 +124,23 @@ def _cat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor |
 def _gram(a, b, ids, beta, c) -> tuple[torch.Tensor, torch.Tensor]:
     sq = dot = None
     if a is not None:  # a (n, K, T, R), b (n, K, T, C)
-        sq = ((a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))).sum((1, 2, 3))
-        dot = (torch.einsum("nktr,krc->nktc", a, c) * b).sum((1, 2, 3))
+        n, k, t = a.shape[:3]
+        if t == 1 and k == 1:  # no positions, one block: ‖a‖²‖b‖²
+            sq = _rowdot(a, a) * _rowdot(b, b)
+        else:
+            sq = _rowdot(a @ a.transpose(-1, -2), b @ b.transpose(-1, -2))
+        if k == 1:
+            ac = (a.reshape(n * t, -1) @ c[0]).reshape(n, -1)
+        else:
+            ac = torch.einsum("nktr,krc->nktc", a, c)
+        dot = _rowdot(ac, b)
     if ids is not None:  # ids (n, S), beta (n, S, C)
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(beta.dtype)
-        s_sq = (same * (beta @ beta.transpose(1, 2))).sum((1, 2))
-        s_dot = (c[0][ids] * beta).sum((1, 2))
+        s_sq = _rowdot(same, beta @ beta.transpose(1, 2))
+        s_dot = _rowdot(c[0][ids], beta)
         if a is not None:  # the cross terms of a tied weight: a_it[id_is] (b_it·β_is)
             picked = a[:, 0].gather(2, ids.unsqueeze(1).expand(-1, a.shape[2], -1))
-            s_sq = s_sq + 2 * (picked * (b[:, 0] @ beta.transpose(1, 2))).sum((1, 2))
+            s_sq = s_sq + 2 * _rowdot(picked, b[:, 0] @ beta.transpose(1, 2))
         sq = s_sq if sq is None else sq + s_sq
         dot = s_dot if dot is None else dot + s_dot
     return sq, dot
@@ -128,4 +155,4 @@ def _materialised(a, b, ids, beta, c) -> tuple[torch.Tensor, torch.Tensor]:
         index = ids.unsqueeze(2).expand(-1, -1, beta.shape[2])
         g[:, 0] = g[:, 0].scatter_add(1, index, beta)
     flat = g.reshape(g.shape[0], -1)
-    return flat.square().sum(1), flat @ c.reshape(-1)
+    return _rowdot(flat, flat), flat @ c.reshape(-1)

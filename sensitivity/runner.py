@@ -71,7 +71,8 @@ class Run:
         self.group_ids = plan.index.group_ids(self.device)  # the one host-to-device copy
         self.zeros = first.new_zeros(g)
         self.trace_sum, self.trace_var_sum = self.zeros.clone(), self.zeros.clone()
-        self.grad_sum = {n: torch.zeros_like(v) for n, v in loss.values.items()}
+        self.names = list(loss.values)
+        self.grad_sum: list[torch.Tensor] | None = None  # Σ_b B_b G_b, in names' order
         self.stats: list[BatchGradStats] = []
         self.group_probes = [0] * g
         self.examples = self.batches = self.hvps = self.done = 0
@@ -116,8 +117,11 @@ class Run:
             elif gradient is None:
                 rng.replay()
                 gradient = loss_gradient(self.loss, self.loss.values, batch)
-            for n, g in gradient.items():
-                self.grad_sum[n] += size * g
+            grads = [gradient[n] for n in self.names]
+            if self.grad_sum is None:
+                self.grad_sum = torch._foreach_mul(grads, float(size))
+            else:
+                torch._foreach_add_(self.grad_sum, grads, alpha=size)
             if self.plan.noise:
                 self.stats.append(self._noise(batch, size, gradient, norms))
             self._tick(1)
@@ -186,10 +190,10 @@ class Run:
         plan, index, n = self.plan, self.plan.index, self.examples
         names = list(self.loss.values)
         rows: dict[str, torch.Tensor] = {
-            "param_norm": self._per_group([self.loss.values[p].square().sum() for p in names])
+            "param_norm": self._per_group(_squares([self.loss.values[p] for p in names]))
         }
         if plan.gradient:
-            grad_sq = self._per_group([(self.grad_sum[p] / n).square().sum() for p in names])
+            grad_sq = self._per_group(_squares(self.grad_sum or [])) / n**2
             rows["grad_norm"] = grad_sq.sqrt()
         if plan.noise:
             trace_sigma, trace_var, norm_var = combine_batches(self.stats)
@@ -238,3 +242,8 @@ class Run:
             )  # fmt: skip
             settings["per_example_vmap"] = vmapped
         return SensitivityReport(tuple(groups), cost, settings)
+
+
+def _squares(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """‖t‖² of each tensor, in one fused pass."""
+    return [t.square() for t in torch._foreach_norm(tensors)]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from layerwise.sensitivity import estimate
+from layerwise.sensitivity import estimate, outer_norms
 from layerwise.sensitivity.batching import slice_batch
 from layerwise.sensitivity.factorised import example_norms
 from layerwise.sensitivity.functional import FunctionalLoss
@@ -42,9 +42,14 @@ def _loop(case: FCase) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]
     return per_example, dict(zip(names, grads(case.batch), strict=True))
 
 
+@pytest.mark.parametrize("route", ["cheaper", "gram", "materialised"])
 @pytest.mark.parametrize("chunk", [None, 2])
 @pytest.mark.parametrize("make", CASES, ids=IDS)
-def test_norms_and_dots_equal_the_per_example_loop(make, chunk):
+def test_norms_and_dots_equal_the_per_example_loop(make, chunk, route, monkeypatch):
+    """Every case in the route the cost model picks, and forced into each route."""
+    if route != "cheaper":
+        gram = route == "gram"
+        monkeypatch.setattr(outer_norms, "_gram_is_cheaper", lambda *args: gram)
     case = make()
     per_example, centre = _loop(case)
     loss = FunctionalLoss(case.model, case.loss_fn, list(per_example))
