@@ -106,9 +106,9 @@ def _gram_is_cheaper(dense: int, index: int, rows: int, cols: int) -> bool:
 
 
 def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Σ over all but the first dim of x ⊙ y, as one batched product (no temporary)."""
+    """Σ over all but the first dim of x ⊙ y."""
     n = x.shape[0]
-    return (x.reshape(n, 1, -1) @ y.reshape(n, -1, 1)).reshape(n)
+    return torch.linalg.vecdot(x.reshape(n, -1), y.reshape(n, -1))
 
 
 def _cat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor | None, ...]:
