@@ -61,6 +61,9 @@ from layerwise.sensitivity.validation import check_int
 __all__ = ["ExampleNorms", "example_norms"]
 
 Params = dict[str, torch.Tensor]
+#: The parameters a covered layer's terms describe (any other, such as the ``weight_g``
+#: and ``weight_v`` of the old ``weight_norm``, is used as it is: the fallback measures it).
+COVERED_NAMES = ("weight", "bias")
 #: Per-example gradient entries held at once by the ``vmap`` fallback (chunk default).
 FALLBACK_CHUNK_ELEMENTS = 2**25
 
@@ -110,7 +113,7 @@ class _Capture:
         mine = {
             local: self.by_id[id(t)]
             for local, t in module._parameters.items()
-            if t is not None and id(t) in self.by_id
+            if local in COVERED_NAMES and t is not None and id(t) in self.by_id
         }
         if not mine or not args:
             return

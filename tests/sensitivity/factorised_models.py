@@ -208,8 +208,9 @@ def tied_embedding_long() -> FCase:  # two calls of T = 8: 256 > 60, materialise
 
 
 class Outside(nn.Module):
-    """A weight also used outside its layer, a root parameter, attention, and a
-    sequence-first Linear: those fall back, the rest stays fast."""
+    """A weight also used outside its layer, a root parameter, attention, a sequence-first
+    Linear and weight-normalised weights (parametrised, and the old pre-hook kind): those
+    fall back, the rest (their biases included) stays fast."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -217,20 +218,24 @@ class Outside(nn.Module):
         self.scale = nn.Parameter(torch.tensor(1.5))
         self.attn = nn.MultiheadAttention(3, 1, batch_first=True)
         self.first = nn.Linear(3, 3)
-        self.head = nn.Linear(3, 2)
+        self.head = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))
+        self.old = nn.utils.weight_norm(nn.Linear(2, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.lin(x)) + 0.1 * F.linear(x, self.lin.weight)
         h = self.attn(h, h, h, need_weights=False)[0] * self.scale
         h = self.first(h.transpose(0, 1)).transpose(0, 1)  # (T, B, d): not batch-first
-        return self.head(h.mean(1))
+        return self.old(self.head(h.mean(1)))
 
 
 def outside() -> FCase:
     torch.manual_seed(18)
     model = Outside().to(DTYPE)
     attn = tuple(n for n, _ in model.attn.named_parameters())
-    fallback = ("scale", "lin.weight", "first.weight", "first.bias", *(f"attn.{n}" for n in attn))
+    norms = ("head.parametrizations.weight.original0", "head.parametrizations.weight.original1",
+             "old.weight_g", "old.weight_v")  # fmt: skip
+    fallback = ("scale", "lin.weight", "first.weight", "first.bias", *norms,
+                *(f"attn.{n}" for n in attn))  # fmt: skip
     return FCase(model, _ce, (_randn(6, 4, 3), torch.randint(0, 2, (6,))), 6, fallback)
 
 
