@@ -84,10 +84,11 @@ def estimate(
       and dots with Ĝ factorised over the layers' inputs and output gradients, at the cost
       of one backward pass; ``vmap`` of ``grad`` for parameters no covered layer owns
       alone: :mod:`layerwise.sensitivity.factorised`; ``report.settings["per_example"]``
-      says which), ``"micro_batch"`` gradients of ``micro_batches`` pieces of each batch, ``"two_batch"`` (McCandlish
-      et al. on the same pieces), or ``"auto"``: micro-batches when a BatchNorm layer is
-      in training mode (examples interact, per-example gradients are undefined; each
-      batch then needs >= 2 x ``micro_batches`` examples), else per-example;
+      says which), ``"micro_batch"`` gradients of ``micro_batches`` pieces of each batch,
+      ``"two_batch"`` (McCandlish et al. on the same pieces), or ``"auto"``:
+      micro-batches when a BatchNorm layer is in training mode (examples interact,
+      per-example gradients are undefined; each batch then needs >= 2 x
+      ``micro_batches`` examples), else per-example;
     * ``"hessian_trace"``: tr(H_gg) by Hutchinson's estimator with ``probes`` probes per
       batch (``distribution`` "rademacher" or "gaussian", drawn ``chunk_size`` at a time
       from ``generator``, or from a new one seeded with ``seed``), shared across groups

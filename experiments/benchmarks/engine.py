@@ -231,7 +231,7 @@ SETTINGS = {
 def recalibration_cost(task: Task, estimator: Any = None, repeats: int = 11) -> tuple[float, ...]:
     """(seconds of one recalibration, of a bare training step, of a plain forward+backward),
     medians of interleaved repeats on one training batch."""
-    model, opt = _build(task, True, True, estimator)
+    _, opt = _build(task, True, True, estimator)
     bare_model, bare = _build(task, False, True)
     batch = task.batch(torch.Generator().manual_seed(1))
     rec = opt._recalibrator

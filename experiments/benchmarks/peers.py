@@ -67,16 +67,21 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def pyhessian_trace(model: nn.Module, batch: Batch, probes: int) -> Callable[[], float] | None:
-    """PyHessian's whole-model trace (cross-entropy), the mean over ``probes`` probes."""
+def pyhessian_trace(
+    model: nn.Module, batch: Batch, probes: int, seed: int | None = None
+) -> Callable[[], float] | None:
+    """PyHessian's whole-model trace (cross-entropy), the mean over ``probes`` probes
+    (drawn from the global RNG, seeded with ``seed`` when given, restored after)."""
     if not _available("pyhessian"):
         return None
     from pyhessian import hessian
 
     def run() -> float:
         copy_ = copy.deepcopy(model)  # PyHessian switches to eval and writes .grad
-        with warnings.catch_warnings():  # its backward(create_graph=True) warns every call
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore", UserWarning)  # backward(create_graph=True) warns
+            if seed is not None:
+                torch.manual_seed(seed)
             h = hessian(copy_, nn.functional.cross_entropy, data=batch, cuda=False)
             terms = h.trace(maxIter=probes, tol=-math.inf)  # never "converged"
         if len(terms) != probes:

@@ -15,8 +15,8 @@ Ours (Hutchinson, shared and isolated probes; variance from the factorised per-e
 norms and from ``vmap``) beside PyHessian (whole-model Hutchinson trace), BackPACK (exact
 ``DiagHessian``; ``Variance``) and curvlinops (Hutchinson per group on its block-diagonal
 Hessian operator) (:mod:`layerwise.experiments.benchmarks.peers`). Same probe count for
-every Hutchinson row; a peer that is not installed is skipped with a line saying how to
-install it.
+every Hutchinson row, whose errors are averaged over ``--seeds`` seeds of the probes; a
+peer that is not installed is skipped with a line saying how to install it.
 
 **2. Cost** (``--section cost``), on an MLP, a wide MLP and a CNN at batch 32 and 128:
 ``probe``/``jvp``/``vjp`` one Hutchinson probe of the per-group traces (``auto`` mode
@@ -131,16 +131,21 @@ def _errors(est: dict[str, float], exact: dict[str, float]) -> tuple[float, floa
     return statistics.median(rel), max(rel), total
 
 
-def accuracy(name: str, size: int, probes: int, repeats: int) -> list[tuple[Any, ...]]:
-    """Rows (method, what, units, median err, worst err, whole-model err) on ``name``."""
+def accuracy(
+    name: str, size: int, probes: int, repeats: int, seeds: int = 5
+) -> list[tuple[Any, ...]]:
+    """Rows (method, what, units, median err, worst err, whole-model err) on ``name``; the
+    errors of a stochastic method are averaged over ``seeds`` seeds of its probes."""
     model, batch = small_batch(name, size)
     groups = default_groups(model)
     traces, variances = exact_traces(model, batch, groups), exact_variances(model, batch, groups)
 
-    def ours(**kw: Any) -> Callable[[], dict[str, float]]:
+    def ours(seed: int, **kw: Any) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:
-            r = estimate(model, cross_entropy, batch, quantities="hessian_trace", probes=probes,
-                         **kw)  # fmt: skip
+            r = estimate(
+                model, cross_entropy, batch, quantities="hessian_trace", probes=probes,
+                seed=seed, **kw,
+            )  # fmt: skip
             return {g: r[g].hessian_trace for g in groups}
 
         return run
@@ -149,60 +154,77 @@ def accuracy(name: str, size: int, probes: int, repeats: int) -> list[tuple[Any,
         r = estimate(model, cross_entropy, batch, quantities="grad_variance")
         return {g: r[g].grad_variance * r[g].num_params for g in groups}
 
-    jobs: dict[str, tuple[str, str, Callable[[], Any] | None, dict[str, float]]] = {
-        "ours": ("ours", f"per-group trace, {probes} shared probes", ours(), traces),
+    Make = Callable[[int], Callable[[], Any] | None]
+    jobs: dict[str, tuple[str, str, Make, dict[str, float], bool]] = {
+        "ours": ("ours", f"per-group trace, {probes} shared probes", ours, traces, True),
         "ours-iso": (
             "ours",
             f"per-group trace, {probes} isolated probes",
-            ours(isolated=True),
+            lambda seed: ours(seed, isolated=True),
             traces,
+            True,
         ),
         "pyhessian": (
             "PyHessian",
             f"whole-model trace, {probes} probes",
-            peers.pyhessian_trace(model, batch, probes),
+            lambda seed: peers.pyhessian_trace(model, batch, probes, seed),
             traces,
+            True,
         ),
         "curvlinops": (
             "curvlinops",
             f"per-group trace, {probes} probes (block-diagonal)",
-            peers.curvlinops_traces(model, batch, groups, probes),
+            lambda seed: peers.curvlinops_traces(model, batch, groups, probes, seed),
             traces,
+            True,
         ),
         "backpack": (
             "BackPACK",
             "per-group trace, exact (DiagHessian)",
-            peers.backpack_diag_hessian(model, batch, groups),
+            lambda seed: peers.backpack_diag_hessian(model, batch, groups),
             traces,
+            False,
         ),
-        "ours-var": ("ours", "per-group variance, factorised", our_variance, variances),
+        "ours-var": (
+            "ours",
+            "per-group variance, factorised",
+            lambda seed: our_variance,
+            variances,
+            False,
+        ),
         "ours-vmap": (
             "ours",
             "per-group variance, vmap (before)",
-            lambda: vmap_variance(model, batch, groups),
+            lambda seed: lambda: vmap_variance(model, batch, groups),
             variances,
+            False,
         ),
         "backpack-var": (
             "BackPACK",
             "per-group variance (Variance)",
-            peers.backpack_variance(model, batch, groups),
+            lambda seed: peers.backpack_variance(model, batch, groups),
             variances,
+            False,
         ),
     }
+    first = {k: job[2](0) for k, job in jobs.items()}
     fns = {"unit": lambda: plain_pass(model, batch)}
-    fns.update({k: job[2] for k, job in jobs.items() if job[2] is not None})
+    fns.update({k: fn for k, fn in first.items() if fn is not None})
     seconds = interleaved_medians(fns, repeats)
     rows = []
-    for key, (who, what, fn, exact) in jobs.items():
-        if fn is None:
+    for key, (who, what, make, exact, stochastic) in jobs.items():
+        if first[key] is None:
             continue
-        answer = fn()
-        cost = seconds[key] / seconds["unit"]
-        if isinstance(answer, dict):
-            rows.append((who, what, cost, *_errors(answer, exact)))
-        else:  # a whole-model figure
-            total = sum(exact.values())
-            rows.append((who, what, cost, None, None, abs(answer - total) / abs(total)))
+        errors = []
+        for seed in range(seeds if stochastic else 1):
+            answer = (first[key] if seed == 0 else make(seed))()
+            if isinstance(answer, dict):
+                errors.append(_errors(answer, exact))
+            else:  # a whole-model figure
+                total = sum(exact.values())
+                errors.append((None, None, abs(answer - total) / abs(total)))
+        mean = [None if e[0] is None else statistics.fmean(e) for e in zip(*errors, strict=True)]
+        rows.append((who, what, seconds[key] / seconds["unit"], *mean))
     return rows
 
 
@@ -265,12 +287,12 @@ def _accuracy_section(args: argparse.Namespace) -> None:
     print(
         f"\n1. accuracy: small float64 models, batch {args.small_batch}, exact answers; cost "
         "in forward+backward units; relative error per group (median, worst) and of the "
-        "whole-model trace or variance"
+        f"whole-model trace or variance, Hutchinson rows averaged over {args.seeds} seeds"
     )
     head = ["model", "method", "what", "units", "median", "worst", "whole"]
     print(f"{head[0]:<10} {head[1]:<11} {head[2]:<46}" + "".join(f"{h:>9}" for h in head[3:]))
     for name in SMALL:
-        rows = accuracy(name, args.small_batch, args.probes, args.repeats)
+        rows = accuracy(name, args.small_batch, args.probes, args.repeats, args.seeds)
         for who, what, units, med, worst, whole in rows:
             errors = "".join(_cell(e, "9.1e") for e in (med, worst, whole))
             print(f"{name:<10} {who:<11} {what:<46}{units:>9.2f}{errors}", flush=True)
@@ -300,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
     parser.add_argument("--small-batch", type=int, default=64)
     parser.add_argument("--probes", type=int, default=32)
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="seeds of the probes the errors average over"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clock", choices=sorted(_CLOCKS), default="cpu")
     parser.add_argument(
@@ -308,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch's default)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    for flag in ("probes", "repeats", "small_batch"):
+    for flag in ("probes", "repeats", "small_batch", "seeds"):
         if getattr(args, flag) < 1 or (flag == "small_batch" and args.small_batch < 2):
             parser.error(f"--{flag.replace('_', '-')} is too small: {getattr(args, flag)}")
     if args.threads:
