@@ -72,7 +72,9 @@ class Run:
         self.zeros = first.new_zeros(g)
         self.trace_sum, self.trace_var_sum = self.zeros.clone(), self.zeros.clone()
         self.names = list(loss.values)
-        self.grad_sum: list[torch.Tensor] | None = None  # Σ_b B_b G_b, in names' order
+        # Σ_b B_b G_b in names' order, as (scale, tensors): the first batch's gradient is
+        # kept as it is (no copy); a second batch starts the running sum
+        self.grad_sum: tuple[float, list[torch.Tensor], bool] | None = None  # owned?
         self.stats: list[BatchGradStats] = []
         self.group_probes = [0] * g
         self.examples = self.batches = self.hvps = self.done = 0
@@ -119,9 +121,13 @@ class Run:
                 gradient = loss_gradient(self.loss, self.loss.values, batch)
             grads = [gradient[n] for n in self.names]
             if self.grad_sum is None:
-                self.grad_sum = torch._foreach_mul(grads, float(size))
+                self.grad_sum = (float(size), grads, False)
             else:
-                torch._foreach_add_(self.grad_sum, grads, alpha=size)
+                scale, total, owned = self.grad_sum
+                if not owned:  # the first batch's own tensors: copy before adding
+                    total = torch._foreach_mul(total, scale)
+                torch._foreach_add_(total, grads, alpha=size)
+                self.grad_sum = (1.0, total, True)
             if self.plan.noise:
                 self.stats.append(self._noise(batch, size, gradient, norms))
             self._tick(1)
@@ -193,7 +199,8 @@ class Run:
             "param_norm": self._per_group(_squares([self.loss.values[p] for p in names]))
         }
         if plan.gradient:
-            grad_sq = self._per_group(_squares(self.grad_sum or [])) / n**2
+            scale, total, _ = self.grad_sum or (1.0, [], True)
+            grad_sq = self._per_group(_squares(total)) * (scale / n) ** 2
             rows["grad_norm"] = grad_sq.sqrt()
         if plan.noise:
             trace_sigma, trace_var, norm_var = combine_batches(self.stats)
