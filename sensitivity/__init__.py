@@ -15,6 +15,7 @@ from layerwise.sensitivity.errors import (
     NotMeasurableError,
 )
 from layerwise.sensitivity.estimate import estimate
+from layerwise.sensitivity.factorised import ExampleNorms, example_norms
 from layerwise.sensitivity.functional import FunctionalLoss, leaves_no_trace
 from layerwise.sensitivity.ggn import GGNLossError, GGNSizeError
 from layerwise.sensitivity.groups import GroupIndex, default_groups, resolve_groups
@@ -36,6 +37,7 @@ __all__ = [
     "DoubleBackwardError",
     "EstimateCost",
     "EstimateOptions",
+    "ExampleNorms",
     "FunctionalLoss",
     "GGNLossError",
     "GGNSizeError",
@@ -53,6 +55,7 @@ __all__ = [
     "default_groups",
     "draw_probes",
     "estimate",
+    "example_norms",
     "hutchinson_samples",
     "leaves_no_trace",
     "make_generator",

@@ -86,11 +86,15 @@ def estimate(
       batches) the mean batch size, where N‖Ĝ_g‖² − tr(Σ̂_g) is N times the unbiased
       estimate of ‖G_g‖² (:mod:`layerwise.sensitivity.gradient_stats`;
       ``inf`` when that estimate is <= 0, i.e. the noise swamps the signal);
-      ``variance`` picks the samples: ``"per_example"`` gradients, ``"micro_batch"``
-      gradients of ``micro_batches`` pieces of each batch, ``"two_batch"`` (McCandlish
-      et al. on the same pieces), or ``"auto"``: micro-batches when a BatchNorm layer is
-      in training mode (examples interact, per-example gradients are undefined; each
-      batch then needs >= 2 x ``micro_batches`` examples), else per-example;
+      ``variance`` picks the samples: ``"per_example"`` gradients (their squared norms
+      and dots with Ĝ factorised over the layers' inputs and output gradients, at the cost
+      of one backward pass; ``vmap`` of ``grad`` for parameters no covered layer owns
+      alone: :mod:`layerwise.sensitivity.factorised`; ``report.settings["per_example"]``
+      says which), ``"micro_batch"`` gradients of ``micro_batches`` pieces of each batch,
+      ``"two_batch"`` (McCandlish et al. on the same pieces), or ``"auto"``:
+      micro-batches when a BatchNorm layer is in training mode (examples interact,
+      per-example gradients are undefined; each batch then needs >= 2 x
+      ``micro_batches`` examples), else per-example;
     * ``"hessian_trace"``: tr(H_gg) by Hutchinson's estimator with ``probes`` probes per
       batch (``distribution`` "rademacher" or "gaussian", drawn ``chunk_size`` at a time
       from ``generator``, or from a new one seeded with ``seed``), shared across groups
@@ -145,8 +149,10 @@ def estimate(
     pass per batch plus one per Hessian-vector product; ``total`` counts the batches seen
     so far when their number is unknown; a last call has ``done == total``);
     ``batch_size(batch)`` gives the number of examples of a batch of unusual layout;
-    ``example_chunk_size`` bounds the examples per ``vmap`` call of per-example gradients
-    (default: at most 2**25 gradient entries at once).
+    ``example_chunk_size`` bounds the examples handled at once by the per-example norms
+    (default: temporaries no larger than the layer's activations, at least 2**20 elements)
+    and per ``vmap`` call of per-example gradients (default: at most 2**25 gradient entries
+    at once).
 
     Cost: ``report.cost`` holds probes per group (max over groups), Hessian-vector
     products, examples, batches and seconds; host and device synchronise once, at the end

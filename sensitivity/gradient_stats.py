@@ -69,11 +69,22 @@ class GradientSamples:
         self.num_groups = num_groups
         zeros = first.new_zeros(num_groups)
         self.sum_d, self.sum_d2, self.sum_wp2 = zeros.clone(), zeros.clone(), zeros.clone()
-        self.sum_diff = {n: torch.zeros_like(c) for n, c in centre.items()}
+        self.sum_diff: Params = {}  # Σ_j w_j (m_j − c) per parameter; absent: zero
         self.count, self.weight = 0, 0
+        self._centre_sq: list[torch.Tensor] | None = None
+
+    def _centre_sq_each(self) -> list[torch.Tensor]:
+        """‖c‖² per parameter (one fused pass over the centre, computed once)."""
+        if self._centre_sq is None:
+            norms = torch._foreach_norm([self.centre[n] for n in self.names])
+            self._centre_sq = [t.square() for t in norms]
+        return self._centre_sq
 
     def _per_group(self, per_param: list[torch.Tensor]) -> torch.Tensor:
-        stacked = torch.stack(per_param, dim=-1)  # (..., params)
+        return self._per_group_columns(torch.stack(per_param, dim=-1))
+
+    def _per_group_columns(self, stacked: torch.Tensor) -> torch.Tensor:
+        """(..., params) -> (..., groups): the sum over each group's parameters."""
         out = stacked.new_zeros(*stacked.shape[:-1], self.num_groups)
         return out.index_add_(-1, self.index, stacked)
 
@@ -96,9 +107,8 @@ class GradientSamples:
             mine = flat.is_contiguous() and storages[grads[n].untyped_storage().data_ptr()] == 1
             diff = flat.sub_(centre) if mine else flat - centre
             total = diff.sum(0) if isinstance(wt, int) else (wt * diff).sum(0)
-            self.sum_diff[n] += (total * wt if isinstance(wt, int) else total).reshape(
-                self.centre[n].shape
-            )
+            total = (total * wt if isinstance(wt, int) else total).reshape(self.centre[n].shape)
+            self.sum_diff[n] = self.sum_diff[n] + total if n in self.sum_diff else total
             sq.append(torch.linalg.vector_norm(diff, dim=1).square())
             dot.append(diff @ centre)
         d = wt * self._per_group(sq)  # (c, G): w_j ‖m_j − c‖²
@@ -109,6 +119,29 @@ class GradientSamples:
         self.count += count
         self.weight += sum(w)
 
+    def add_norms(self, sq: Params, dot: Params, total: Params | None = None) -> None:
+        """Add samples m_j (unit weights) given only their squared norms ‖m_j‖² and dots
+        m_j·c with the centre, each a (count,) tensor per parameter: then
+        d_j = ‖m_j‖² − 2 m_j·c + ‖c‖² and (m_j − c)·c = m_j·c − ‖c‖², the same sums as
+        :meth:`add` without the samples (:mod:`layerwise.sensitivity.factorised`).
+        ``total``: Σ_j m_j for the parameters it names; the others' samples average to the
+        centre exactly."""
+        count = sq[self.names[0]].shape[0]
+        squares = torch.stack([sq[n] for n in self.names], dim=-1)  # (count, params)
+        dots = torch.stack([dot[n] for n in self.names], dim=-1)
+        centre_sq = torch.stack(self._centre_sq_each())
+        projected = dots - centre_sq  # (m_j − c)·c
+        d = self._per_group_columns(squares - dots - projected)  # (count, G)
+        p = self._per_group_columns(projected)
+        self.sum_d += d.sum(0)
+        self.sum_d2 += d.square().sum(0)
+        self.sum_wp2 += p.square().sum(0)
+        for n, t in (total or {}).items():
+            diff = t - count * self.centre[n]
+            self.sum_diff[n] = self.sum_diff[n] + diff if n in self.sum_diff else diff
+        self.count += count
+        self.weight += count
+
     def finish(self, method: str = "per_example") -> BatchGradStats:
         """Per-group estimates by ``method`` ("per_example", "micro_batch": the unbiased
         ANOVA estimate above; "two_batch": McCandlish et al. from the same samples)."""
@@ -117,10 +150,18 @@ class GradientSamples:
         m, w = self.count, self.weight
         if m < 2:
             raise ValueError(f"gradient noise needs at least 2 samples, got {m}")
-        delta = {n: s / w for n, s in self.sum_diff.items()}
-        sq_delta = self._per_group([delta[n].square().sum() for n in self.names])
-        dot_delta = self._per_group([(delta[n] * self.centre[n]).sum() for n in self.names])
-        sq_centre = self._per_group([self.centre[n].square().sum() for n in self.names])
+        sq_centre = self._per_group(self._centre_sq_each())
+        if self.sum_diff:  # m̄ − c = Σ_j w_j (m_j − c) / W
+            zero = sq_centre.new_zeros(())
+            delta = {n: s / w for n, s in self.sum_diff.items()}
+            sq_delta = self._per_group(
+                [delta[n].square().sum() if n in delta else zero for n in self.names]
+            )
+            dot_delta = self._per_group(
+                [(delta[n] * self.centre[n]).sum() if n in delta else zero for n in self.names]
+            )
+        else:  # the samples average to the centre exactly
+            sq_delta = dot_delta = torch.zeros_like(sq_centre)
         if method == "two_batch":
             from layerwise.sensitivity.two_batch import two_batch_noise
 

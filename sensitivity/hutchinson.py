@@ -109,7 +109,12 @@ def hutchinson_samples(
         probes = draw_probes(like, count, generator, distribution)
         products = product(probes)
         per_param = torch.stack(
-            [(probes[n] * products[n]).reshape(count, -1).sum(1).to(first.device) for n in names],
+            [
+                torch.linalg.vecdot(
+                    probes[n].reshape(count, -1), products[n].reshape(count, -1)
+                ).to(first.device)
+                for n in names
+            ],
             dim=1,
         )  # (count, params)
         z = per_param.new_zeros(count, num_groups).index_add_(1, index, per_param)

@@ -73,8 +73,9 @@ class EstimateOptions:
       most this.
     * ``max_probes`` -- ``None`` or >= 2, the probe budget of the stopping rule (needs a
       ``tolerance``; default ``probes``).
-    * ``example_chunk_size`` -- ``None`` or >= 1 examples per ``vmap`` call of per-example
-      gradients (default: at most 2**25 gradient entries at once).
+    * ``example_chunk_size`` -- ``None`` or >= 1 examples handled at once by the per-example
+      norms and per ``vmap`` call of per-example gradients (default: temporaries no larger
+      than a layer's activations; at most 2**25 gradient entries per ``vmap`` call).
     * ``ggn`` -- how ``ggn_trace`` is measured: ``"mc"`` (labels sampled from the model's
       predictive distribution, unbiased, with a standard error) or ``"exact"`` (one backward
       pass per output entry, for small outputs); see :mod:`layerwise.sensitivity.ggn`.

@@ -5,9 +5,12 @@ E[vᵀ A v] = tr(A) for any square A (Hutchinson 1990):
 
 * ``"rademacher"``: entries ±1 with probability 1/2; Var[vᵀ A v] = 2 (‖A‖_F² − Σ_i A_ii²)
   for symmetric A, the smallest of any distribution, and zero when A is diagonal. Drawn
-  as the sign of u − 1/2 for u from ``torch.rand`` (float32 values are multiples of 2^-24,
-  so P(u < 1/2) is exactly 1/2); ``torch.rand`` is about 2.5x faster than ``randint`` on
-  CPU, which matters because a probe costs O(parameters) to draw.
+  eight at a time: one uniform byte (``torch.randint(0, 256)``, exact: 256 divides the
+  generator's 2^32 outcomes) picks a row of the 256 × 8 table of sign patterns, so every
+  bit is an independent fair coin; one random draw per eight entries and one gather make
+  it about 4x faster than thresholding ``torch.rand`` on a CPU, which matters because a
+  probe costs O(parameters) to draw (32 probes of a 134k-parameter MLP took about as long
+  as five forward+backward passes).
 * ``"gaussian"``: entries N(0, 1); Var[vᵀ A v] = 2 ‖A‖_F².
 
 Probes come from a ``torch.Generator`` on the parameters' device, never from the global
@@ -57,12 +60,23 @@ def draw_probes(
         raise ValueError(f"count must be an int >= 1, got {count!r}")
     device = generator.device
     out: dict[str, torch.Tensor] = {}
+    if distribution == "rademacher" and like:
+        sizes = [count * t.numel() for t in like.values()]
+        total = sum(sizes)
+        first = next(iter(like.values()))
+        signs = _signs(first.dtype if first.is_floating_point() else torch.float32, device)
+        draws = torch.randint(0, 256, ((total + 7) // 8,), generator=generator, device=device)
+        flat = signs.index_select(0, draws).reshape(-1)[:total]
+        for (name, t), part in zip(like.items(), flat.split(sizes), strict=True):
+            out[name] = part.reshape(count, *t.shape).to(t.dtype).to(t.device, non_blocking=True)
+        return out
     for name, t in like.items():
-        shape = (count, *t.shape)
-        if distribution == "rademacher":  # u < 1/2 for u uniform on multiples of 2^-24
-            u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
-            v = u.lt_(0.5).mul_(2).sub_(1).to(t.dtype)
-        else:
-            v = torch.randn(shape, generator=generator, device=device, dtype=t.dtype)
+        v = torch.randn((count, *t.shape), generator=generator, device=device, dtype=t.dtype)
         out[name] = v.to(t.device, non_blocking=True)
     return out
+
+
+def _signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 8): row b holds the bits of b as ±1 (bit k of b -> column k)."""
+    bits = torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)
+    return (bits & 1).to(dtype).mul_(2).sub_(1)

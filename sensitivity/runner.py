@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from layerwise.sensitivity.errors import NoGradientPathError
+from layerwise.sensitivity.factorised import ExampleNorms, example_norms
 from layerwise.sensitivity.functional import FunctionalLoss, RngReplay
 from layerwise.sensitivity.ggn import GGNEstimator
 from layerwise.sensitivity.gradient_stats import (
@@ -23,14 +24,11 @@ from layerwise.sensitivity.groups import GroupIndex
 from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
 from layerwise.sensitivity.hvp import HessianProduct, loss_gradient
 from layerwise.sensitivity.microbatch import accumulate_micro_batches
-from layerwise.sensitivity.per_example import accumulate_per_example
 from layerwise.sensitivity.report import EstimateCost, GroupEstimate, SensitivityReport
 
 __all__ = ["Plan", "Run"]
 
 Params = dict[str, torch.Tensor]
-#: Per-example gradient entries held at once when ``example_chunk_size`` is None.
-EXAMPLE_CHUNK_ELEMENTS = 2**25
 
 
 @dataclass(frozen=True)
@@ -78,12 +76,16 @@ class Run:
         self.group_ids = plan.index.group_ids(self.device)  # the one host-to-device copy
         self.zeros = first.new_zeros(g)
         self.trace_sum, self.trace_var_sum = self.zeros.clone(), self.zeros.clone()
-        self.grad_sum = {n: torch.zeros_like(v) for n, v in loss.values.items()}
+        self.names = list(loss.values)
+        # Σ_b B_b G_b in names' order, as (scale, tensors): the first batch's gradient is
+        # kept as it is (no copy); a second batch starts the running sum
+        self.grad_sum: tuple[float, list[torch.Tensor], bool] | None = None  # owned?
         self.stats: list[BatchGradStats] = []
         self.group_probes = [0] * g
         self.examples = self.batches = self.hvps = self.done = 0
         self.modes: dict[str, None] = {}
         self.fell_back: str | None = None
+        self.vmapped: dict[str, None] = {}  # parameters whose per-example norms used vmap
         isolated_factor = g if plan.isolated else 1
         self.steps = int(plan.gradient) + (plan.budget * isolated_factor if plan.trace else 0)
         self.ggn_steps = 0 if ggn is None else 1 if plan.ggn == "exact" else plan.ggn_samples
@@ -120,13 +122,26 @@ class Run:
             rng.replay()  # the dropout stream of the batch, as for the gradient
             self._ggn(batch, size)
         if self.plan.gradient:
-            if gradient is None:
+            norms = None
+            if self.plan.noise and self.plan.method == "per_example":  # one pass: c and norms
+                rng.replay()
+                norms = example_norms(self.loss, batch, size, self.plan.example_chunk_size)
+                gradient = norms.gradient
+                self.vmapped.update(dict.fromkeys(norms.fallback))
+            elif gradient is None:
                 rng.replay()
                 gradient = loss_gradient(self.loss, self.loss.values, batch)
-            for n, g in gradient.items():
-                self.grad_sum[n] += size * g
+            grads = [gradient[n] for n in self.names]
+            if self.grad_sum is None:
+                self.grad_sum = (float(size), grads, False)
+            else:
+                scale, total, owned = self.grad_sum
+                if not owned:  # the first batch's own tensors: copy before adding
+                    total = torch._foreach_mul(total, scale)
+                torch._foreach_add_(total, grads, alpha=size)
+                self.grad_sum = (1.0, total, True)
             if self.plan.noise:
-                self.stats.append(self._noise(batch, size, gradient))
+                self.stats.append(self._noise(batch, size, gradient, norms))
             self._tick(1)
         # the GGN alone evaluates the outputs, not this loss: only a loss it ran is checked
         if (self.plan.trace or self.plan.gradient) and not self.loss.reached:
@@ -184,14 +199,13 @@ class Run:
         self.ggn_passes += passes
         self._tick(self.ggn_steps)
 
-    def _noise(self, batch: Any, size: int, gradient: Params) -> BatchGradStats:
+    def _noise(
+        self, batch: Any, size: int, gradient: Params, norms: ExampleNorms | None
+    ) -> BatchGradStats:
         plan, index = self.plan, self.plan.index
         samples = GradientSamples(gradient, self.group_ids, len(index))
-        if plan.method == "per_example":
-            chunk = plan.example_chunk_size or max(
-                1, min(size, EXAMPLE_CHUNK_ELEMENTS // max(1, sum(index.sizes)))
-            )
-            accumulate_per_example(samples, self.loss, self.loss.values, batch, size, chunk)
+        if norms is not None:
+            samples.add_norms(norms.sq, norms.dot, norms.total)
         else:
             accumulate_micro_batches(
                 samples, self.loss, self.loss.values, batch, size, plan.micro_batches
@@ -206,10 +220,11 @@ class Run:
         plan, index, n = self.plan, self.plan.index, self.examples
         names = list(self.loss.values)
         rows: dict[str, torch.Tensor] = {
-            "param_norm": self._per_group([self.loss.values[p].square().sum() for p in names])
+            "param_norm": self._per_group(_squares([self.loss.values[p] for p in names]))
         }
         if plan.gradient:
-            grad_sq = self._per_group([(self.grad_sum[p] / n).square().sum() for p in names])
+            scale, total, _ = self.grad_sum or (1.0, [], True)
+            grad_sq = self._per_group(_squares(total)) * (scale / n) ** 2
             rows["grad_norm"] = grad_sq.sqrt()
         if plan.noise:
             trace_sigma, trace_var, norm_var = combine_batches(self.stats)
@@ -256,4 +271,16 @@ class Run:
             "variance": plan.method if plan.noise else None,
             "hvp_fallback": self.fell_back,
         }
+        if plan.noise and plan.method == "per_example":
+            vmapped = [p for p in index.params if p in self.vmapped]
+            settings["per_example"] = (
+                "factorised" if not vmapped else "vmap" if len(vmapped) == len(index.params)
+                else "factorised+vmap"
+            )  # fmt: skip
+            settings["per_example_vmap"] = vmapped
         return SensitivityReport(tuple(groups), cost, settings)
+
+
+def _squares(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """‖t‖² of each tensor, in one fused pass."""
+    return [t.square() for t in torch._foreach_norm(tensors)]

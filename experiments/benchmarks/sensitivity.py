@@ -1,42 +1,68 @@
-"""Benchmark of the sensitivity estimators, as ratios to a plain forward + backward pass.
+"""Benchmark of the sensitivity estimators beside their peers, in forward+backward units.
 
-Run ``python -m layerwise.experiments.benchmarks.sensitivity`` (``--help`` for options). For an MLP
-and a small CNN at a few batch sizes it measures, in the same run and as the median of
-repeats:
+Run ``python -m layerwise.experiments.benchmarks.sensitivity`` (``--help`` for options).
+Every figure is a ratio to ``unit``, one plain forward + backward pass
+(``loss.backward()``) of the same model and batch, timed round-robin with everything
+else (medians of ``--repeats``), so that the load of a shared machine drifts over all of
+them alike; the time is this process's CPU time (``--clock cpu``, one thread by default).
 
-* ``unit``: one plain forward + backward pass (``loss.backward()``), the unit of cost;
-  every measurement below runs round-robin with it (median of ``--repeats``), so that
-  the load of a shared machine drifts over all of them alike;
-* ``probe``: one Hutchinson probe of the per-group traces at ``--probes`` probes (the whole
-  ``estimate`` call divided by the number of probes), chunked ``vmap``, mode ``auto``;
-* ``loop``: the same with ``chunk_size=1`` (probe by probe, no batching);
-* ``jvp`` / ``vjp``: the probe cost with each Hessian-vector product mode forced;
-* ``per-ex`` / ``micro``: per-example (``vmap`` over ``grad``) and micro-batch gradient
-  statistics, against one plain pass;
-* ``pyhessian``: PyHessian's whole-model trace at the same number of probes (its set-up
-  pass included), per probe, when the ``pyhessian`` package is importable.
+**1. Accuracy** (``--section accuracy``), on small float64 models where exact answers
+exist (:mod:`layerwise.experiments.benchmarks.small_models`): per-group Hessian block
+traces from the dense Hessian and per-group gradient variance from a per-example loop.
+Each row is one method: its cost in units and its relative error |est − exact| / |exact|,
+the median and the worst over the groups, and for the whole model (the sum over groups).
+Ours (Hutchinson, shared and isolated probes; variance from the factorised per-example
+norms and from ``vmap``) beside PyHessian (whole-model Hutchinson trace), BackPACK (exact
+``DiagHessian``; ``Variance``) and curvlinops (Hutchinson per group on its block-diagonal
+Hessian operator) (:mod:`layerwise.experiments.benchmarks.peers`). Same probe count for
+every Hutchinson row, whose errors are averaged over ``--seeds`` seeds of the probes; a
+peer that is not installed is skipped with a line saying how to install it.
 
-Threads default to 1: on a machine shared with other jobs, multi-threaded kernels slow
-down erratically (30-100x here), and the ratios are what matters. Targets: ``probe`` at
-most 2 units on CPU at 32 probes; per-group traces no dearer than
-PyHessian's whole-model trace (``ratio`` = our total / PyHessian's total <= 1).
+**2. Cost** (``--section cost``), on an MLP, a wide MLP and a CNN at batch 32 and 128:
+``probe``/``jvp``/``vjp`` one Hutchinson probe of the per-group traces (``auto`` mode
+and each mode forced), ``var`` the per-group gradient variance (grad_norm and
+grad_variance, factorised per-example norms), ``vmap`` the same from ``vmap``
+per-example gradients (the previous method), ``micro`` from micro-batches, ``report``
+the whole default report (every quantity, ``--probes`` probes), ``pyhess`` PyHessian's
+whole-model trace at the same probes (per probe), ``bp-var`` BackPACK's ``Variance``.
+``ratio`` = report / (PyHessian's trace + per-example variance by ``vmap``) and
+``ratio-bp`` the same with BackPACK's variance. ``var-mem``: the peak memory ``var``
+allocates above what was allocated before it, over that of ``unit`` (from the memory
+events of ``torch.profiler``, a separate untimed run).
+
+Targets: ``var`` <= 2 and ``var-mem`` <= 2 on the MLPs and the CNN at batch 128;
+``ratio`` <= 0.5.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import math
+import os
 import statistics
+import sys
 import time
-import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from layerwise.sensitivity import estimate
+from layerwise.experiments.benchmarks import peers
+from layerwise.experiments.benchmarks.small_models import (
+    SMALL,
+    exact_traces,
+    exact_variances,
+    small_batch,
+)
+from layerwise.sensitivity import default_groups, estimate
+from layerwise.sensitivity.functional import FunctionalLoss
+from layerwise.sensitivity.gradient_stats import GradientSamples
+from layerwise.sensitivity.hvp import loss_gradient
+from layerwise.sensitivity.per_example import per_example_gradients
+
+_CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock = time.process_time
 
 
 def mlp(width: int = 256) -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
@@ -44,6 +70,10 @@ def mlp(width: int = 256) -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
         nn.Linear(256, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
     )
     return model, lambda b: torch.randn(b, 256)
+
+
+def wide() -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
+    return mlp(1024)
 
 
 def cnn() -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
@@ -55,7 +85,7 @@ def cnn() -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
     return model, lambda b: torch.randn(b, 3, 16, 16)
 
 
-MODELS = {"mlp": mlp, "cnn": cnn}
+MODELS = {"mlp": mlp, "wide": wide, "cnn": cnn}
 
 
 def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -71,9 +101,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
-            start = time.perf_counter()
+            start = _clock()
             fn()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(_clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -83,30 +113,157 @@ def plain_pass(model: nn.Module, batch) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def pyhessian_trace(model: nn.Module, batch, probes: int) -> Callable[[], object] | None:
-    try:
-        from pyhessian import hessian
-    except Exception:
-        return None
-
-    def run() -> object:
-        copy_ = copy.deepcopy(model)  # PyHessian switches to eval and writes .grad
-        with warnings.catch_warnings():  # its backward(create_graph=True) warns every call
-            warnings.simplefilter("ignore", UserWarning)
-            h = hessian(copy_, F.cross_entropy, data=batch, cuda=False)
-        terms = h.trace(maxIter=probes, tol=-math.inf)  # never "converged": the full budget
-        assert len(terms) == probes, f"PyHessian stopped after {len(terms)} probes"
-        return terms
-
-    return run
+def vmap_variance(model: nn.Module, batch, groups: dict[str, list[str]]) -> dict[str, float]:
+    """Per-group tr(Σ̂_g) from ``vmap`` per-example gradients (the method before the
+    factorised norms), in chunks of at most 2**25 gradient entries."""
+    names = [n for ns in groups.values() for n in ns]
+    loss = FunctionalLoss(model, cross_entropy, names)
+    centre = loss_gradient(loss, loss.values, batch)
+    which = {n: g for g, ns in enumerate(groups.values()) for n in ns}
+    samples = GradientSamples(centre, [which[n] for n in names], len(groups))
+    size = batch[0].shape[0]
+    step = max(1, min(size, 2**25 // sum(v.numel() for v in loss.values.values())))
+    for s in range(0, size, step):
+        part = (batch[0][s : s + step], batch[1][s : s + step])
+        samples.add(per_example_gradients(loss, loss.values, part, part[0].shape[0]))
+    return dict(zip(groups, samples.finish().trace_sigma.tolist(), strict=True))
 
 
-def measure(name: str, batch_size: int, probes: int, repeats: int) -> dict[str, float]:
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated on the CPU above what was allocated before ``fn`` ran, from the
+    memory events of ``torch.profiler`` (each operator's own allocations and the frees
+    between operators, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:  # the profiler's C++ side logs its start and stop on stderr: silence it
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        own = event.name == "[memory]"
+        current += event.cpu_memory_usage if own else event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def _errors(est: dict[str, float], exact: dict[str, float]) -> tuple[float, float, float]:
+    """(median, worst) relative error over groups, and that of the sum."""
+    rel = [abs(est[g] - exact[g]) / abs(exact[g]) for g in exact]
+    total = abs(sum(est.values()) - sum(exact.values())) / abs(sum(exact.values()))
+    return statistics.median(rel), max(rel), total
+
+
+def accuracy(
+    name: str, size: int, probes: int, repeats: int, seeds: int = 5
+) -> list[tuple[Any, ...]]:
+    """Rows (method, what, units, median err, worst err, whole-model err) on ``name``; the
+    errors of a stochastic method are averaged over ``seeds`` seeds of its probes."""
+    model, batch = small_batch(name, size)
+    groups = default_groups(model)
+    traces, variances = exact_traces(model, batch, groups), exact_variances(model, batch, groups)
+
+    def ours(seed: int, **kw: Any) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            r = estimate(
+                model, cross_entropy, batch, quantities="hessian_trace", probes=probes,
+                seed=seed, **kw,
+            )  # fmt: skip
+            return {g: r[g].hessian_trace for g in groups}
+
+        return run
+
+    def our_variance() -> dict[str, float]:
+        r = estimate(model, cross_entropy, batch, quantities="grad_variance")
+        return {g: r[g].grad_variance * r[g].num_params for g in groups}
+
+    Make = Callable[[int], Callable[[], Any] | None]
+    jobs: dict[str, tuple[str, str, Make, dict[str, float], bool]] = {
+        "ours": ("ours", f"per-group trace, {probes} shared probes", ours, traces, True),
+        "ours-iso": (
+            "ours",
+            f"per-group trace, {probes} isolated probes",
+            lambda seed: ours(seed, isolated=True),
+            traces,
+            True,
+        ),
+        "pyhessian": (
+            "PyHessian",
+            f"whole-model trace, {probes} probes",
+            lambda seed: peers.pyhessian_trace(model, batch, probes, seed),
+            traces,
+            True,
+        ),
+        "curvlinops": (
+            "curvlinops",
+            f"per-group trace, {probes} probes (block-diagonal)",
+            lambda seed: peers.curvlinops_traces(model, batch, groups, probes, seed),
+            traces,
+            True,
+        ),
+        "backpack": (
+            "BackPACK",
+            "per-group trace, exact (DiagHessian)",
+            lambda seed: peers.backpack_diag_hessian(model, batch, groups),
+            traces,
+            False,
+        ),
+        "ours-var": (
+            "ours",
+            "per-group variance, factorised",
+            lambda seed: our_variance,
+            variances,
+            False,
+        ),
+        "ours-vmap": (
+            "ours",
+            "per-group variance, vmap (before)",
+            lambda seed: lambda: vmap_variance(model, batch, groups),
+            variances,
+            False,
+        ),
+        "backpack-var": (
+            "BackPACK",
+            "per-group variance (Variance)",
+            lambda seed: peers.backpack_variance(model, batch, groups),
+            variances,
+            False,
+        ),
+    }
+    first = {k: job[2](0) for k, job in jobs.items()}
+    fns = {"unit": lambda: plain_pass(model, batch)}
+    fns.update({k: fn for k, fn in first.items() if fn is not None})
+    seconds = interleaved_medians(fns, repeats)
+    rows = []
+    for key, (who, what, make, exact, stochastic) in jobs.items():
+        if first[key] is None:
+            continue
+        errors = []
+        for seed in range(seeds if stochastic else 1):
+            answer = (first[key] if seed == 0 else make(seed))()
+            if isinstance(answer, dict):
+                errors.append(_errors(answer, exact))
+            else:  # a whole-model figure
+                total = sum(exact.values())
+                errors.append((None, None, abs(answer - total) / abs(total)))
+        mean = [None if e[0] is None else statistics.fmean(e) for e in zip(*errors, strict=True)]
+        rows.append((who, what, seconds[key] / seconds["unit"], *mean))
+    return rows
+
+
+def cost(name: str, batch_size: int, probes: int, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     model, inputs = MODELS[name]()
     batch = (inputs(batch_size), torch.randint(0, 10, (batch_size,)))
+    groups = default_groups(model)
 
-    def traces(**kw) -> Callable[[], object]:
+    def traces(**kw: Any) -> Callable[[], object]:
         return lambda: estimate(
             model, cross_entropy, batch, quantities=["hessian_trace"], probes=probes, **kw
         )
@@ -117,74 +274,113 @@ def measure(name: str, batch_size: int, probes: int, repeats: int) -> dict[str, 
             variance=method,
         )  # fmt: skip
 
-    fns = {
+    fns: dict[str, Callable[[], object]] = {
         "unit": lambda: plain_pass(model, batch),
         "probe": traces(),
-        "loop": traces(chunk_size=1),
         "jvp": traces(hvp_mode="jvp"),
         "vjp": traces(hvp_mode="vjp"),
-        "per-ex": noise("per_example"),
+        "var": noise("per_example"),
+        "vmap": lambda: vmap_variance(model, batch, groups),
         "micro": noise("micro_batch"),
+        "report": lambda: estimate(model, cross_entropy, batch, probes=probes),
     }
-    ph = pyhessian_trace(model, batch, probes)
-    if ph is not None:
-        try:
-            ph()
-            fns["pyhessian"] = ph
-        except Exception as exc:  # a broken install must not stop the benchmark
-            print(f"pyhessian failed: {type(exc).__name__}: {exc}")
+    for key, fn in (
+        ("pyhess", peers.pyhessian_trace(model, batch, probes)),
+        ("bp-var", peers.backpack_variance(model, batch, groups)),
+    ):
+        if fn is not None:
+            fns[key] = fn
     seconds = interleaved_medians(fns, repeats)
     unit = seconds.pop("unit")
     row = {"params": float(sum(p.numel() for p in model.parameters())), "unit_ms": unit * 1e3}
     for key, value in seconds.items():
-        per_probe = key in ("probe", "loop", "jvp", "vjp", "pyhessian")
-        row[key] = value / unit / (probes if per_probe else 1)
-    if "pyhessian" in row:
-        row["ratio"] = row["probe"] / row["pyhessian"]
+        row[key] = value / unit / (probes if key in ("probe", "jvp", "vjp", "pyhess") else 1)
+    row["var-mem"] = peak_memory(fns["var"]) / peak_memory(fns["unit"])
+    if "pyhess" in row:
+        ph = row["pyhess"] * probes
+        row["ratio"] = row["report"] / (ph + row["vmap"])
+        if "bp-var" in row:
+            row["ratio-bp"] = row["report"] / (ph + row["bp-var"])
     return row
 
 
-COLUMNS = ["params", "unit_ms", "probe", "loop", "jvp", "vjp", "per-ex", "micro", "pyhessian",
-           "ratio"]  # fmt: skip
+COLUMNS = ["params", "unit_ms", "probe", "jvp", "vjp", "var", "var-mem", "vmap", "micro",
+           "report", "pyhess", "bp-var", "ratio", "ratio-bp"]  # fmt: skip
+
+
+def _cell(value: float | None, spec: str = "8.2f") -> str:
+    width = int(spec.split(".")[0])
+    return f"{'-':>{width}}" if value is None else f"{value:{spec}}"
+
+
+def _accuracy_section(args: argparse.Namespace) -> None:
+    print(
+        f"\n1. accuracy: small float64 models, batch {args.small_batch}, exact answers; cost "
+        "in forward+backward units; relative error per group (median, worst) and of the "
+        f"whole-model trace or variance, Hutchinson rows averaged over {args.seeds} seeds"
+    )
+    head = ["model", "method", "what", "units", "median", "worst", "whole"]
+    print(f"{head[0]:<10} {head[1]:<11} {head[2]:<46}" + "".join(f"{h:>9}" for h in head[3:]))
+    for name in SMALL:
+        rows = accuracy(name, args.small_batch, args.probes, args.repeats, args.seeds)
+        for who, what, units, med, worst, whole in rows:
+            errors = "".join(_cell(e, "9.1e") for e in (med, worst, whole))
+            print(f"{name:<10} {who:<11} {what:<46}{units:>9.2f}{errors}", flush=True)
+
+
+def _cost_section(args: argparse.Namespace) -> None:
+    print(f"\n2. cost in forward+backward units (unit_ms), {args.probes} probes")
+    print(f"{'model':>5} {'B':>4} " + " ".join(f"{c:>8}" for c in COLUMNS))
+    for name in args.models:
+        for b in args.batch_sizes:
+            row = cost(name, b, args.probes, args.repeats)
+            cells = [f"{row['params']:>8.0f}"] + [_cell(row.get(c)) for c in COLUMNS[1:]]
+            print(f"{name:>5} {b:>4} " + " ".join(cells), flush=True)
+    print(
+        "probe/jvp/vjp/pyhess: per probe; var/vmap/micro/report/bp-var: per call; var-mem: "
+        "peak memory of var / of the unit, above what was allocated before (torch.profiler). "
+        "ratio = report / (pyhess x probes + vmap); ratio-bp: with bp-var instead of vmap."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m layerwise.experiments.benchmarks.sensitivity",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--section", choices=["all", "accuracy", "cost"], default="all")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
+    parser.add_argument("--small-batch", type=int, default=64)
     parser.add_argument("--probes", type=int, default=32)
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="seeds of the probes the errors average over"
+    )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clock", choices=sorted(_CLOCKS), default="cpu")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch.set_num_threads (default 1: stable ratios on a shared machine; 0 keeps "
         "torch's default)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    for flag in ("probes", "repeats", "small_batch", "seeds"):
+        if getattr(args, flag) < 1 or (flag == "small_batch" and args.small_batch < 2):
+            parser.error(f"--{flag.replace('_', '-')} is too small: {getattr(args, flag)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        import pyhessian  # noqa: F401
-    except Exception:
-        print("pyhessian not available")
+    global _clock
+    _clock = _CLOCKS[args.clock]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.probes} probes, "
-        f"median of {args.repeats}; costs in units of one forward+backward (unit_ms)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} time, "
+        f"median of {args.repeats}"
     )
-    print(f"{'model':>5} {'B':>4} " + " ".join(f"{c:>9}" for c in COLUMNS))
-    for name in args.models:
-        for b in args.batch_sizes:
-            row = measure(name, b, args.probes, args.repeats)
-            cells = []
-            for c in COLUMNS:
-                v = row.get(c)
-                cells.append(
-                    f"{'-':>9}" if v is None else f"{v:>9.0f}" if c == "params" else f"{v:>9.2f}"
-                )
-            print(f"{name:>5} {b:>4} " + " ".join(cells), flush=True)
-    print(
-        "probe/loop/jvp/vjp/pyhessian: per probe; per-ex/micro: per call. "
-        "ratio = probe / pyhessian (per-group traces vs PyHessian's whole-model trace)."
-    )
+    for line in peers.missing():
+        print(line)
+    if args.section in ("all", "accuracy"):
+        _accuracy_section(args)
+    if args.section in ("all", "cost"):
+        _cost_section(args)
 
 
 if __name__ == "__main__":

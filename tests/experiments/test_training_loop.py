@@ -59,9 +59,12 @@ def test_static_factors_and_the_schedule_set_each_groups_rate(tmp_path):
 
 
 def test_the_controllers_multiplier_scales_the_scheduled_rate(tmp_path):
+    # The noise rule: its estimate (per-example gradient variance) is deterministic given
+    # the batch, so the controller adapts whatever the probe stream; the curvature rule's
+    # two-probe Hessian traces pass the confidence gate or not by the luck of the draw.
     schedule = {"name": "cosine", "total_steps": 8, "floor": 0.2}
     extra = {"recalibrate_every": 2, "warmup_steps": 2, "estimator": {"probes": 2}}
-    execute(_spec("curvature", extra, schedule), tmp_path)
+    execute(_spec("noise", extra, schedule), tmp_path)
     metrics, s = _csv(tmp_path / "metrics.csv"), schedules.from_spec(schedule)
     assert (metrics[[f"multiplier/{g}" for g in GROUPS]] != 1.0).any().any(), "it adapted"
     for _, row in metrics.iterrows():

@@ -1,0 +1,158 @@
+"""Per-example ‖g_i‖² and g_i·C from factorised terms, without a B × P tensor.
+
+For one parameter whose per-example gradient is a sum of the terms of
+:mod:`layerwise.sensitivity.layer_terms` (one per call of a layer that uses it; the calls
+of a tied weight concatenate along the positions t), in each block k:
+
+    g_i = Σ_t a_it ⊗ b_it + Σ_s e_{id_is} ⊗ β_is
+
+    ‖g_i‖² = Σ_{t,t'} (a_it·a_it')(b_it·b_it') + Σ_{s,s'} [id_is = id_is'] (β_is·β_is')
+             + 2 Σ_{t,s} a_it[id_is] (b_it·β_is)                                 (Gram form)
+    g_i·C  = Σ_t a_itᵀ C b_it + Σ_s C[id_is]·β_is
+
+The Gram form holds (T × T) numbers per example and block, materialising g_i holds
+rows × cols; :func:`example_sq_norms_and_dots` takes the one that does less work
+(:func:`_gram_is_cheaper`: the Gram form without positions, T = 1, and for embeddings;
+materialising for convolutions and long sequences through wide layers), and works
+through the examples in chunks so that no temporary exceeds ``budget``
+elements (the layer's activations, or 2**20, whichever is larger), so no tensor has
+B × (number of parameters) elements. Direct terms (biases, norm weights: a (B, *shape)
+gradient, small) are summed and reduced as they are.
+
+>>> a, b = torch.randn(3, 2, 4), torch.randn(3, 2, 5)  # 3 examples, 2 positions
+>>> term = Outer(1, 4, 5, 2, lambda s, e: (a[s:e, None], b[s:e, None]))
+>>> g = torch.einsum("btr,btc->brc", a, b)  # the per-example gradients, materialised
+>>> C = torch.randn(4, 5)
+>>> sq, dot = example_sq_norms_and_dots([term], C, 3)
+>>> torch.allclose(sq, g.square().sum((1, 2))), torch.allclose(dot, (g * C).sum((1, 2)))
+(True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from layerwise.sensitivity.layer_terms import Direct, Index, Outer
+
+__all__ = ["MIN_BUDGET", "example_sq_norms_and_dots"]
+
+#: The smallest temporary budget (elements): tiny layers run in one chunk.
+MIN_BUDGET = 2**20
+
+Term = Outer | Index | Direct
+
+
+def example_sq_norms_and_dots(
+    terms: Sequence[Term],
+    centre: torch.Tensor,
+    size: int,
+    budget: int | None = None,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(‖g_i‖², g_i·``centre``) for i < ``size``, or ``None`` when the terms do not combine
+    (different kinds or shapes: the caller falls back to per-example gradients).
+
+    ``chunk`` caps the examples per step (``None``: as many as ``budget`` allows)."""
+    if not terms:
+        zero = centre.new_zeros(size)
+        return zero, zero.clone()
+    if all(isinstance(t, Direct) for t in terms):
+        g = terms[0].grad if len(terms) == 1 else torch.stack([t.grad for t in terms]).sum(0)
+        if g.shape[1:] != centre.shape:
+            return None
+        flat = g.reshape(size, -1)
+        return flat.square().sum(1), flat @ centre.reshape(-1)
+    dense = [t for t in terms if isinstance(t, Outer)]
+    index = [t for t in terms if isinstance(t, Index)]
+    if len(dense) + len(index) != len(terms):
+        return None
+    shapes = {(t.blocks, t.rows, t.cols) for t in dense} | {(1, t.rows, t.cols) for t in index}
+    if len(shapes) != 1:
+        return None
+    blocks, rows, cols = shapes.pop()
+    if blocks * rows * cols != centre.numel():
+        return None
+    c = centre.reshape(blocks, rows, cols)
+    dense_len, index_len = sum(t.length for t in dense), sum(t.length for t in index)
+    gram = _gram_is_cheaper(dense_len, index_len, rows, cols)
+    length = dense_len + index_len
+    per_example = blocks * max(length * length if gram else rows * cols, length * (rows + cols))
+    step = max(1, max(budget or 0, MIN_BUDGET) // max(1, per_example))
+    if chunk is not None:
+        step = min(step, chunk)
+    sq, dot = [], []
+    for s in range(0, size, step):
+        e = min(s + step, size)
+        a, b = _cat([t.make(s, e) for t in dense])
+        ids, beta = _cat([t.make(s, e) for t in index])
+        part = _gram(a, b, ids, beta, c) if gram else _materialised(a, b, ids, beta, c)
+        sq.append(part[0])
+        dot.append(part[1])
+    return (sq[0], dot[0]) if len(sq) == 1 else (torch.cat(sq), torch.cat(dot))
+
+
+def _gram_is_cheaper(dense: int, index: int, rows: int, cols: int) -> bool:
+    """Compare the work per example and block, in multiply-adds, with a pass over memory
+    counted as 4 (it runs about that much slower than a matrix product on a CPU): the
+    Gram form costs T²(rows + cols) for the Gram matrices plus T·rows·cols for g_i·C;
+    materialising costs T·rows·cols for g_i and three passes over its rows·cols entries.
+    Index terms (embeddings) cost T·cols either way in their own products."""
+    t = dense + index
+    gram = dense * dense * (rows + cols) + t * index * cols + dense * rows * cols + 4 * t * t
+    materialised = dense * rows * cols + index * cols + 12 * rows * cols
+    return gram <= materialised
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ over all but the first dim of x ⊙ y."""
+    n = x.shape[0]
+    return torch.linalg.vecdot(x.reshape(n, -1), y.reshape(n, -1))
+
+
+def _cat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor | None, ...]:
+    """Concatenate the calls along the positions: dim -2 of a and b, -1 of ids."""
+    if not pairs:
+        return None, None
+    if len(pairs) == 1:
+        return pairs[0]
+    first = torch.cat([p[0] for p in pairs], dim=-2 if pairs[0][0].dim() == 4 else -1)
+    return first, torch.cat([p[1] for p in pairs], dim=-2)
+
+
+def _gram(a, b, ids, beta, c) -> tuple[torch.Tensor, torch.Tensor]:
+    sq = dot = None
+    if a is not None:  # a (n, K, T, R), b (n, K, T, C)
+        n, k, t = a.shape[:3]
+        if t == 1 and k == 1:  # no positions, one block: ‖a‖²‖b‖²
+            sq = _rowdot(a, a) * _rowdot(b, b)
+        else:
+            sq = _rowdot(a @ a.transpose(-1, -2), b @ b.transpose(-1, -2))
+        if k == 1:
+            ac = (a.reshape(n * t, -1) @ c[0]).reshape(n, -1)
+        else:
+            ac = torch.einsum("nktr,krc->nktc", a, c)
+        dot = _rowdot(ac, b)
+    if ids is not None:  # ids (n, S), beta (n, S, C)
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(beta.dtype)
+        s_sq = _rowdot(same, beta @ beta.transpose(1, 2))
+        s_dot = _rowdot(c[0][ids], beta)
+        if a is not None:  # the cross terms of a tied weight: a_it[id_is] (b_it·β_is)
+            picked = a[:, 0].gather(2, ids.unsqueeze(1).expand(-1, a.shape[2], -1))
+            s_sq = s_sq + 2 * _rowdot(picked, b[:, 0] @ beta.transpose(1, 2))
+        sq = s_sq if sq is None else sq + s_sq
+        dot = s_dot if dot is None else dot + s_dot
+    return sq, dot
+
+
+def _materialised(a, b, ids, beta, c) -> tuple[torch.Tensor, torch.Tensor]:
+    if a is not None:
+        g = a.transpose(-1, -2) @ b  # (n, K, R, C)
+    else:
+        g = beta.new_zeros(beta.shape[0], 1, c.shape[1], c.shape[2])
+    if ids is not None:
+        index = ids.unsqueeze(2).expand(-1, -1, beta.shape[2])
+        g[:, 0] = g[:, 0].scatter_add(1, index, beta)
+    flat = g.reshape(g.shape[0], -1)
+    return _rowdot(flat, flat), flat @ c.reshape(-1)
