@@ -60,11 +60,14 @@ def _header_only(text: str) -> str:
 
 
 def _mid_row(text: str) -> str:
-    """Cut just after the minus sign of a negative curvature in the last row, so that the
-    row's last field is "-" (before the fix: a crash in the figures naming no file)."""
-    cut = text.rindex(",-") + 2
-    assert cut > text.rindex("\n", 0, len(text) - 1), "inside the last row"
-    return text[:cut]
+    """Cut the last row just after the minus sign of a negative number, so that the row's
+    last field is "-" (before the fix: a crash in the figures naming no file). The row is
+    cut after its second field and the sign written there, so the damage does not depend
+    on the estimates' signs (random probes) happening to put a minus in the last row."""
+    start = text.rindex("\n", 0, len(text) - 1) + 1
+    cut = text.index(",", text.index(",", start) + 1) + 1
+    assert start < cut < len(text) - 1, "inside the last row"
+    return text[:cut] + "-"
 
 
 def _last_row_lost(text: str) -> str:  # cut at a line end: every row whole, one missing
