@@ -50,11 +50,14 @@ def example_sq_norms_and_dots(
     size: int,
     budget: int | None = None,
     chunk: int | None = None,
+    dots: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(‖g_i‖², g_i·``centre``) for i < ``size``, or ``None`` when the terms do not combine
     (different kinds or shapes: the caller falls back to per-example gradients).
 
-    ``chunk`` caps the examples per step (``None``: as many as ``budget`` allows)."""
+    ``chunk`` caps the examples per step (``None``: as many as ``budget`` allows). With
+    ``dots=False`` only the norms are computed (``centre`` then gives the parameter's shape
+    and the dots are zeros)."""
     if not terms:
         zero = centre.new_zeros(size)
         return zero, zero.clone()
@@ -63,7 +66,8 @@ def example_sq_norms_and_dots(
         if g.shape[1:] != centre.shape:
             return None
         flat = g.reshape(size, -1)
-        return flat.square().sum(1), flat @ centre.reshape(-1)
+        sq = flat.square().sum(1)
+        return sq, flat @ centre.reshape(-1) if dots else torch.zeros_like(sq)
     dense = [t for t in terms if isinstance(t, Outer)]
     index = [t for t in terms if isinstance(t, Index)]
     if len(dense) + len(index) != len(terms):
@@ -76,7 +80,7 @@ def example_sq_norms_and_dots(
         return None
     c = centre.reshape(blocks, rows, cols)
     dense_len, index_len = sum(t.length for t in dense), sum(t.length for t in index)
-    gram = _gram_is_cheaper(dense_len, index_len, rows, cols)
+    gram = _gram_is_cheaper(dense_len, index_len, rows, cols, dots)
     length = dense_len + index_len
     per_example = blocks * max(length * length if gram else rows * cols, length * (rows + cols))
     step = max(1, max(budget or 0, MIN_BUDGET) // max(1, per_example))
@@ -87,20 +91,22 @@ def example_sq_norms_and_dots(
         e = min(s + step, size)
         a, b = _cat([t.make(s, e) for t in dense])
         ids, beta = _cat([t.make(s, e) for t in index])
-        part = _gram(a, b, ids, beta, c) if gram else _materialised(a, b, ids, beta, c)
+        part = _gram(a, b, ids, beta, c, dots) if gram else _materialised(a, b, ids, beta, c, dots)
         sq.append(part[0])
         dot.append(part[1])
     return (sq[0], dot[0]) if len(sq) == 1 else (torch.cat(sq), torch.cat(dot))
 
 
-def _gram_is_cheaper(dense: int, index: int, rows: int, cols: int) -> bool:
+def _gram_is_cheaper(dense: int, index: int, rows: int, cols: int, dots: bool = True) -> bool:
     """Compare the work per example and block, in multiply-adds, with a pass over memory
     counted as 4 (it runs about that much slower than a matrix product on a CPU): the
     Gram form costs T²(rows + cols) for the Gram matrices plus T·rows·cols for g_i·C;
     materialising costs T·rows·cols for g_i and three passes over its rows·cols entries.
-    Index terms (embeddings) cost T·cols either way in their own products."""
+    Index terms (embeddings) cost T·cols either way in their own products. Without the
+    dots the Gram form saves its T·rows·cols."""
     t = dense + index
-    gram = dense * dense * (rows + cols) + t * index * cols + dense * rows * cols + 4 * t * t
+    gram = dense * dense * (rows + cols) + t * index * cols + 4 * t * t
+    gram += dense * rows * cols if dots else 0
     materialised = dense * rows * cols + index * cols + 12 * rows * cols
     return gram <= materialised
 
@@ -121,7 +127,7 @@ def _cat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor |
     return first, torch.cat([p[1] for p in pairs], dim=-2)
 
 
-def _gram(a, b, ids, beta, c) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram(a, b, ids, beta, c, dots: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     sq = dot = None
     if a is not None:  # a (n, K, T, R), b (n, K, T, C)
         n, k, t = a.shape[:3]
@@ -129,15 +135,16 @@ def _gram(a, b, ids, beta, c) -> tuple[torch.Tensor, torch.Tensor]:
             sq = _rowdot(a, a) * _rowdot(b, b)
         else:
             sq = _rowdot(a @ a.transpose(-1, -2), b @ b.transpose(-1, -2))
-        if k == 1:
-            ac = (a.reshape(n * t, -1) @ c[0]).reshape(n, -1)
+        if not dots:
+            dot = torch.zeros_like(sq)
+        elif k == 1:
+            dot = _rowdot((a.reshape(n * t, -1) @ c[0]).reshape(n, -1), b)
         else:
-            ac = torch.einsum("nktr,krc->nktc", a, c)
-        dot = _rowdot(ac, b)
+            dot = _rowdot(torch.einsum("nktr,krc->nktc", a, c), b)
     if ids is not None:  # ids (n, S), beta (n, S, C)
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(beta.dtype)
         s_sq = _rowdot(same, beta @ beta.transpose(1, 2))
-        s_dot = _rowdot(c[0][ids], beta)
+        s_dot = _rowdot(c[0][ids], beta) if dots else torch.zeros_like(s_sq)
         if a is not None:  # the cross terms of a tied weight: a_it[id_is] (b_it·β_is)
             picked = a[:, 0].gather(2, ids.unsqueeze(1).expand(-1, a.shape[2], -1))
             s_sq = s_sq + 2 * _rowdot(picked, b[:, 0] @ beta.transpose(1, 2))
@@ -146,7 +153,7 @@ def _gram(a, b, ids, beta, c) -> tuple[torch.Tensor, torch.Tensor]:
     return sq, dot
 
 
-def _materialised(a, b, ids, beta, c) -> tuple[torch.Tensor, torch.Tensor]:
+def _materialised(a, b, ids, beta, c, dots: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     if a is not None:
         g = a.transpose(-1, -2) @ b  # (n, K, R, C)
     else:
@@ -155,4 +162,5 @@ def _materialised(a, b, ids, beta, c) -> tuple[torch.Tensor, torch.Tensor]:
         index = ids.unsqueeze(2).expand(-1, -1, beta.shape[2])
         g[:, 0] = g[:, 0].scatter_add(1, index, beta)
     flat = g.reshape(g.shape[0], -1)
-    return _rowdot(flat, flat), flat @ c.reshape(-1)
+    sq = _rowdot(flat, flat)
+    return sq, flat @ c.reshape(-1) if dots else torch.zeros_like(sq)

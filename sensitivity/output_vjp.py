@@ -12,10 +12,13 @@ per group g
   the whole batch's outputs (one forward pass, then batched backward passes over the
   cotangents, ``chunk_size`` at a time), e.g. under BatchNorm in training mode.
 
-Only the (K, G) sums leave a ``vmap`` call: the per-example gradients of a chunk of examples
-(``example_chunk_size``, default 2**25 entries at once) are reduced to squared norms per
-group at once. This is the one place a factorised per-example norm (Goodfellow 2015) can
-replace ``vmap``: the GGN (:mod:`layerwise.sensitivity.ggn`) asks for nothing else.
+Per example, the norms are factorised over the layers' inputs and output gradients
+(Goodfellow 2015; :mod:`layerwise.sensitivity.cotangent_norms`: one forward pass and one
+backward pass per cotangent, no per-example gradient) when every measured parameter is
+used by covered layers alone; ``method`` then reads ``"factorised"``. Otherwise
+(``method`` ``"vmap"``) only the (K, G) sums leave a ``vmap`` call: the per-example
+gradients of a chunk of examples (``example_chunk_size``, default 2**25 entries at once) are
+reduced to squared norms per group at once.
 
 >>> from torch import nn
 >>> net = nn.Linear(2, 1, bias=False)
@@ -39,6 +42,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from layerwise.sensitivity.batching import example_in_dims, slice_batch
+from layerwise.sensitivity.cotangent_norms import cotangent_sq_norms
 from layerwise.sensitivity.functional import FunctionalLoss
 
 __all__ = ["OutputVJP"]
@@ -78,6 +82,7 @@ class OutputVJP:
         self.onehot = (index.unsqueeze(-1) == groups).to(first.dtype)  # (params, G)
         self.numel = sum(v.numel() for v in self.function.values.values())
         self.example_chunk_size, self.chunk_size = example_chunk_size, chunk_size
+        self.method: str | None = None  # how the last example_norms call ran
 
     def _group_sq(self, grads: Params) -> torch.Tensor:
         """(K, G): squared norms per group of gradients ``{name: (K, *shape)}``."""
@@ -131,6 +136,11 @@ class OutputVJP:
         cotangents ``cotangents(z_i, *extra_i)`` of each example's outputs z_i (shaped
         ``[count, *z_i.shape]``, z_i with a leading dimension of 1); ``extra`` holds tensors
         with the examples along the given dimension, sliced per example."""
+        fast = self._factorised(values, batch, size, cotangents, extra)
+        if fast is not None:
+            self.method = "factorised"
+            return fast
+        self.method = "vmap"
         chunk = self.example_chunk_size or max(1, CHUNK_ELEMENTS // max(1, count * self.numel))
 
         def one(v: Params, example: Any, *moving: torch.Tensor) -> torch.Tensor:
@@ -154,3 +164,30 @@ class OutputVJP:
             norms = vmap(call, in_dims=in_dims, randomness="different")(values, *pieces, *leaves)
             total = norms.sum(0) if total is None else total + norms.sum(0)
         return total
+
+    def _factorised(
+        self,
+        values: Params,
+        batch: Any,
+        size: int,
+        cotangents: Callable[..., torch.Tensor],
+        extra: Sequence[tuple[torch.Tensor, int]],
+    ) -> torch.Tensor | None:
+        """(C, G) by :func:`cotangent_sq_norms`, or ``None`` where it does not apply: the
+        per-example cotangents are made for the whole batch at once by ``vmap``."""
+
+        def one(z: torch.Tensor, *moving: torch.Tensor) -> torch.Tensor:
+            return cotangents(z.unsqueeze(0), *moving).squeeze(1)  # (C, *z_i.shape[1:])
+
+        def batch_cotangents(z: torch.Tensor) -> torch.Tensor:
+            in_dims = (0, *(d for _, d in extra))
+            per = vmap(one, in_dims=in_dims)(z, *(t for t, _ in extra))  # (B, C, ...)
+            return per.movedim(0, 1)
+
+        norms = cotangent_sq_norms(
+            self.function, values, batch, size, batch_cotangents, self.example_chunk_size
+        )
+        if norms is None:
+            return None
+        stacked = torch.stack([norms[n] for n in self.function.values], -1)  # (C, params)
+        return stacked @ self.onehot.to(stacked.dtype)
