@@ -6,6 +6,8 @@
 # TORCH names the torch requirement installed first. The default, torch==2.13.0, is a
 # CPU wheel on this project's machines; installing it before the project keeps pip from
 # pulling a multi-gigabyte CUDA build to satisfy the plain `torch>=2.3` dependency.
+# Everything after it is installed under a constraints file that pins the torch just
+# installed, so no extra (lightning, transformers, ray, timm) can swap it for another build.
 # Elsewhere, e.g.:  make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -19,7 +21,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
