@@ -9,6 +9,7 @@ scheduler's own outside the step.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -173,3 +174,78 @@ def test_bad_arguments_are_named():
         LayerwiseCallback(_controller(), loss_fn=3)
     with pytest.raises(ValueError, match="estimator: unknown option"):
         LayerwiseCallback(_controller(), estimator={"probez": 3})
+
+
+def _epoch_trainer(callback, epochs, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, callbacks=[callback], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, **kwargs,
+    )  # fmt: skip
+
+
+def test_fit_from_a_checkpoint_resumes_the_engine(tmp_path):
+    """8 steps, a checkpoint, 4 more from it: the same as 12 steps in one go (parameters,
+    multipliers, history), since the checkpoint holds the engine's state."""
+    batches = _loader(data(4))  # one epoch = 4 steps; stop and resume at an epoch's end
+    net = mlp(dropout=0.0)
+    whole_net = copy.deepcopy(net)
+    whole = LayerwiseCallback(_controller(), recalibrate_every=3)
+    _epoch_trainer(whole, 3).fit(Module(whole_net), train_dataloaders=batches)
+    first = LayerwiseCallback(_controller(), recalibrate_every=3)
+    trainer = _epoch_trainer(first, 2)
+    trainer.fit(Module(net), train_dataloaders=batches)
+    trainer.save_checkpoint(tmp_path / "eight.ckpt")
+    resumed = LayerwiseCallback(_controller(), recalibrate_every=3)
+    again = _epoch_trainer(resumed, 3)
+    again.fit(Module(net), train_dataloaders=batches, ckpt_path=tmp_path / "eight.ckpt")
+    assert resumed.engine.steps == 12 and again.global_step == 12
+    assert resumed.multipliers == whole.multipliers
+    assert resumed.history["step"].tolist() == whole.history["step"].tolist()
+    for p, q in zip(net.parameters(), whole_net.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.slow  # two spawned interpreters import torch and Lightning: ~20 s on 2 busy cores
+def test_ddp_multipliers_are_identical_on_every_rank(tmp_path):
+    callback = RankRecorder(
+        tmp_path, SensitivityController("curvature", alpha=1.0, max_rel_stderr=math.inf),
+        recalibrate_every=2,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, max_epochs=-1,
+        callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(Module(mlp(dropout=0.0)), train_dataloaders=_loader(data(8)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 4
+    assert ranks[0]["batches"] != ranks[1]["batches"]  # each rank trained on its own data
+    assert ranks[0]["history"] == ranks[1]["history"]  # step, group, multiplier, traces
+    assert any(abs(m - 1.0) > 1e-6 for m in ranks[0]["multipliers"].values())
+    assert ranks[0]["multipliers"] == ranks[1]["multipliers"]
+
+
+class RankRecorder(LayerwiseCallback):
+    """Writes each rank's multipliers, history and batch checksums to ``rank{r}.json``."""
+
+    def __init__(self, folder, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.folder, self.sums = str(folder), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.sums.append(float(batch[0].sum()))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        super().on_fit_end(trainer, pl_module)
+        columns = ["step", "group", "multiplier", "hessian_trace", "grad_norm"]
+        record = {
+            "steps": self.engine.steps,
+            "multipliers": self.multipliers,
+            "history": self.history[columns].to_dict("records"),
+            "batches": self.sums,
+        }
+        path = f"{self.folder}/rank{trainer.global_rank}.json"
+        with open(path, "w") as f:
+            json.dump(record, f)
