@@ -34,6 +34,12 @@ this one (reporting integrations come first in the Trainer's list; to have them 
 multipliers, also pass ``callback=`` a TensorBoard ``SummaryWriter``, which gets every
 recalibration as scalars).
 
+**Resuming** (``train(resume_from_checkpoint=...)``): the Trainer loads the optimizer's
+state before any callback runs, into the base optimizer, so the multipliers come back with
+its groups (``lr_multiplier``) while the engine's step count, history and the controller's
+state start afresh. At ``on_train_end`` the optimizer is unwrapped again (a later
+``train()`` wraps it anew); :attr:`engine` stays readable.
+
 **Refused** (:class:`UnsupportedSetupError`): DeepSpeed (its engine owns the optimizer step)
 and an optimizer the Trainer did not pass through accelerate. Under DDP (``torchrun``), the
 engine pools the ranks' estimates and the multipliers are identical on every rank.
@@ -169,10 +175,15 @@ class LayerwiseCallback(transformers.TrainerCallback):
         self._hook = model.register_forward_pre_hook(self._keep_batch, with_kwargs=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Leave the Trainer as found: its optimizer unwrapped (so a later ``train()``
+        wraps it afresh), the hook removed, no batch held; :attr:`engine` stays readable."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self._current.batch = None  # hold no tensors of the run beyond it
+        if self._accelerated is not None and self.engine is not None:
+            self._accelerated.__setstate__({"optimizer": self.engine.base})
+            self._accelerated = None
+        self._current.batch = None
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._recording = True  # the window's training forwards are the batches

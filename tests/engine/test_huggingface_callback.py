@@ -105,6 +105,7 @@ def test_a_12_step_run_with_the_users_optimizer_matches_the_plain_loop(tmp_path)
     trainer.train()
     assert trainer.state.global_step == STEPS and callback.engine.steps == STEPS
     assert callback.engine.base is opt
+    assert trainer.optimizer.optimizer is opt  # unwrapped again after training
     ref, ref_base = _reference(reference_net, batches)
     assert callback.multipliers == pytest.approx(ref.multipliers, rel=1e-6)
     assert any(abs(m - 1.0) > 1e-3 for m in callback.multipliers.values())
@@ -250,3 +251,37 @@ def test_a_batch_without_labels_names_the_loss(tmp_path):
     )
     with pytest.raises(ValueError, match=r"loss_fn: model\(\*\*batch\) gave no scalar loss"):
         trainer.train()
+
+
+class StartRecorder(LayerwiseCallback):
+    """Records the multipliers the engine starts from."""
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        super().on_train_begin(args, state, control, **kwargs)
+        self.start = dict(self.multipliers)
+
+
+def test_resuming_a_run_brings_the_multipliers_back(tmp_path):
+    """The Trainer loads the optimizer's state before any callback runs, into the base
+    optimizer: the multipliers come back with its groups; the engine's count restarts."""
+    batches = data(8, size=BATCH)
+
+    def run(callback, steps, resume=None):
+        net = mlp(dropout=0.0)
+        opt, sched = _optimizer(net)
+        trainer = transformers.Trainer(
+            model=Net(net), args=_args(tmp_path, steps=steps, save_strategy="steps",
+                                       save_steps=4),  # fmt: skip
+            train_dataset=_examples(batches), optimizers=(opt, sched), callbacks=[callback],
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    first = LayerwiseCallback(_controller(), recalibrate_every=4)
+    run(first, 4)
+    assert any(abs(m - 1.0) > 1e-3 for m in first.multipliers.values())
+    resumed = StartRecorder(_controller(), recalibrate_every=4)
+    trainer = run(resumed, 8, resume=str(tmp_path / "checkpoint-4"))
+    assert trainer.state.global_step == 8
+    assert resumed.start == first.multipliers
+    assert resumed.engine.steps == 4 and sorted(set(resumed.history["step"])) == [4]
