@@ -12,7 +12,12 @@ from its components' state dicts), :mod:`~layerwise.engine.base_state` (does a c
 the wrapped optimizer), :mod:`~layerwise.engine.history` (the recalibration log
 in memory), :mod:`~layerwise.engine.callbacks` (callbacks, TensorBoard writers),
 :mod:`~layerwise.engine.batches` (estimation batches from an iterable),
-:mod:`~layerwise.engine.naming` (group and parameter names).
+:mod:`~layerwise.engine.naming` (group and parameter names),
+:mod:`~layerwise.engine.trainer_support` (what the trainer callbacks share).
+
+Trainer callbacks, imported on their own so that ``import layerwise.engine`` loads neither
+``lightning`` nor ``transformers``: :class:`layerwise.engine.lightning.LayerwiseCallback` and
+:class:`layerwise.engine.huggingface.LayerwiseCallback`.
 
 Per-group schedules and factors are :class:`layerwise.policies.LayerwiseLR`, a torch
 scheduler that composes with the engine; the history file is

@@ -23,8 +23,9 @@ groups (with and without weight decay), so for layer-wise rates pass your own:
 
 **The batch.** Callbacks are not given the batch, so the callback keeps the keyword inputs
 of the model's last forward call in training mode between ``on_step_begin`` and
-``on_pre_optimizer_step`` (a forward pre-hook on the model, removed at ``on_train_end``; ``num_items_in_batch``, the Trainer's token count over the whole
-accumulation window, is left out so that the loss is the batch's mean). A recalibration
+``on_pre_optimizer_step`` (a forward pre-hook on the model, removed at ``on_train_end``;
+``num_items_in_batch``, the Trainer's token count over the whole accumulation window, is
+left out so that the loss is the batch's mean). A recalibration
 estimates on that batch: with ``gradient_accumulation_steps=k`` (supported), the last
 micro-batch of the window. Steps count optimizer steps (``state.global_step``).
 
@@ -122,9 +123,7 @@ class LayerwiseCallback(transformers.TrainerCallback):
             max_nonfinite_steps=max_nonfinite_steps,
         )
         self.engine: LayerwiseOptimizer | None = None
-        self._current = CurrentBatch(
-            "the model (called as model(**inputs) in training mode)"
-        )
+        self._current = CurrentBatch("the model (called as model(**inputs) in training mode)")
         self._recording = False
         self._hook: Any = None
         self._accelerated: Any = None

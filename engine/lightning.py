@@ -169,7 +169,9 @@ class LayerwiseCallback(pl.Callback):
         trainer.strategy.optimizers = [self.engine]
         self._logged_step = -1
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._current.batch = batch
         self._batch_idx = batch_idx
 

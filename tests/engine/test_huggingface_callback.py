@@ -135,8 +135,13 @@ def test_the_trainers_own_optimizer_and_scheduler_with_accumulation(tmp_path):
     )
     trainer = transformers.Trainer(
         model=Net(mlp(dropout=0.0)),
-        args=_args(tmp_path, steps=6, gradient_accumulation_steps=2, weight_decay=0.01,
-                   per_device_train_batch_size=6),  # fmt: skip
+        args=_args(
+            tmp_path,
+            steps=6,
+            gradient_accumulation_steps=2,
+            weight_decay=0.01,
+            per_device_train_batch_size=6,
+        ),
         train_dataset=_examples(data(6, size=BATCH)),
         callbacks=[callback],
     )
@@ -269,11 +274,14 @@ def test_resuming_a_run_brings_the_multipliers_back(tmp_path):
     def run(callback, steps, resume=None):
         net = mlp(dropout=0.0)
         opt, sched = _optimizer(net)
+        args = _args(tmp_path, steps=steps, save_strategy="steps", save_steps=4)
         trainer = transformers.Trainer(
-            model=Net(net), args=_args(tmp_path, steps=steps, save_strategy="steps",
-                                       save_steps=4),  # fmt: skip
-            train_dataset=_examples(batches), optimizers=(opt, sched), callbacks=[callback],
-        )  # fmt: skip
+            model=Net(net),
+            args=args,
+            train_dataset=_examples(batches),
+            optimizers=(opt, sched),
+            callbacks=[callback],
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 

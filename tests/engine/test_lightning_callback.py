@@ -155,7 +155,7 @@ def test_manual_optimisation_works_with_a_loss_fn():
 
 def test_manual_optimisation_without_a_loss_fn_is_refused():
     trainer = _trainer(LayerwiseCallback(_controller()))
-    with pytest.raises(UnsupportedSetupError, match="manual optimisation.*pass"):
+    with pytest.raises(UnsupportedSetupError, match=r"manual optimisation.*pass"):
         trainer.fit(Module(mlp(), manual=True), train_dataloaders=_loader(data(2)))
 
 
