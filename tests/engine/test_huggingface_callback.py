@@ -293,3 +293,85 @@ def test_resuming_a_run_brings_the_multipliers_back(tmp_path):
     assert trainer.state.global_step == 8
     assert resumed.start == first.multipliers
     assert resumed.engine.steps == 4 and sorted(set(resumed.history["step"])) == [4]
+
+
+#: One rank of a 2-process Trainer run under torch.distributed.run (gloo, CPU): each rank
+#: trains on its own half of the data and writes what the engine decided.
+DDP_WORKER = """
+import json, math, os, sys
+import torch, transformers
+from torch import nn
+from torch.nn import functional as F
+from layerwise.engine.huggingface import LayerwiseCallback
+from layerwise.policies import SensitivityController
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 10), nn.Linear(10, 3)
+    def forward(self, x, labels=None):
+        logits = self.b(torch.tanh(self.a(x)))
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+g = torch.Generator().manual_seed(1)
+train = [{"x": torch.randn(6, generator=g), "labels": int(i % 3)} for i in range(64)]
+net = Net()
+opt = torch.optim.SGD([{"params": net.a.parameters(), "name": "a"},
+                       {"params": net.b.parameters(), "name": "b"}], lr=0.05)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9 ** t)
+controller = SensitivityController("curvature", alpha=1.0, max_rel_stderr=math.inf)
+callback = LayerwiseCallback(controller, recalibrate_every=2)
+seen = []
+class Seen(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        seen.append(float(callback._current.batch["x"].sum()))
+args = transformers.TrainingArguments(
+    sys.argv[1], max_steps=4, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+    save_strategy="no", disable_tqdm=True, ddp_backend="gloo", max_grad_norm=0.0,
+)
+trainer = transformers.Trainer(model=net, args=args, train_dataset=train,
+                               optimizers=(opt, sched), callbacks=[callback, Seen()])
+trainer.train()
+rank = torch.distributed.get_rank()
+columns = ["step", "group", "multiplier", "hessian_trace", "grad_norm"]
+record = {"steps": callback.engine.steps, "multipliers": callback.multipliers,
+          "history": callback.history[columns].to_dict("records"), "batches": seen,
+          "world": torch.distributed.get_world_size()}
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump(record, f)
+"""
+
+
+@pytest.mark.slow  # two fresh interpreters import torch and transformers: ~30 s on 2 busy cores
+def test_ddp_multipliers_are_identical_on_every_rank(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(script), str(tmp_path)]  # fmt: skip
+    # A session of its own, so that a timeout ends torchrun's workers too, not only torchrun.
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2 and ranks[0]["steps"] == ranks[1]["steps"] == 4
+    assert ranks[0]["batches"] != ranks[1]["batches"]  # each rank trained on its own data
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert any(abs(m - 1.0) > 1e-6 for m in ranks[0]["multipliers"].values())
+    assert ranks[0]["multipliers"] == ranks[1]["multipliers"]
