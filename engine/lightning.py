@@ -34,8 +34,9 @@ twice.
 - Several optimizers: refused (:class:`UnsupportedSetupError`); one controller steers one
   optimizer.
 - DDP (``strategy="ddp"``, ``"ddp_spawn"``): the engine pools the ranks' estimates, so the
-  multipliers are identical on every rank. DeepSpeed and FSDP shard the parameters and are
-  refused.
+  multipliers are identical on every rank. Under ``"ddp_spawn"`` the engine lives in the
+  spawned processes: read :attr:`LayerwiseCallback.history` there (e.g. in ``on_fit_end``),
+  not in the launching process. DeepSpeed and FSDP shard the parameters and are refused.
 
 **Logging.** After each optimizer step the multipliers go to the module's logger as
 ``layerwise/multiplier/<group>`` (``pl_module.log_dict``, per step).

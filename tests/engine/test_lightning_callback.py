@@ -134,11 +134,19 @@ def test_a_12_step_fit_matches_the_plain_loop_and_keeps_the_schedulers_lr():
 
 
 def test_gradient_accumulation_counts_optimizer_steps():
-    callback = LayerwiseCallback(_controller(), recalibrate_every=2)
+    """Two batches per optimizer step; recalibrations after warm-up step 1, then every 2."""
+    examples: list[int] = []
+    callback = LayerwiseCallback(
+        _controller(),
+        recalibrate_every=2,
+        warmup_steps=1,
+        callback=lambda record: examples.append(int(record.report.cost.examples)),
+    )
     trainer = _trainer(callback, steps=3, accumulate_grad_batches=2)
-    trainer.fit(Module(mlp(dropout=0.0)), train_dataloaders=_loader(data(6)))
+    trainer.fit(Module(mlp(dropout=0.0)), train_dataloaders=_loader(data(6, size=5)))
     assert trainer.global_step == 3 and callback.engine.steps == 3
-    assert sorted(set(callback.history["step"])) == [2]
+    assert sorted(set(callback.history["step"])) == [1, 3]
+    assert examples == [5, 5]  # one micro-batch each
 
 
 def test_manual_optimisation_works_with_a_loss_fn():
