@@ -79,7 +79,8 @@ def require_extra(module: str, extra: str) -> ModuleType:
             raise  # the package is there; something inside it failed to import
         top = module.split(".")[0]
         raise MissingExtraError(
-            f"{top} is not installed (extra {extra!r}): pip install 'layerwise-lr[{extra}]'"
+            f"{top} is not installed (extra {extra!r}): pip install 'layerwise-lr[{extra}]'",
+            name=top,
         ) from exc
 
 
