@@ -5,9 +5,12 @@ enough seeds for a paired test."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from layerwise.experiments.commands.ablate import resolve_config_path
 from layerwise.experiments.config import load_config
-from layerwise.experiments.plan import lr_grid, planned_run_ids, tuning_specs
+from layerwise.experiments.plan import final_specs, lr_grid, planned_run_ids, tuning_specs
 from layerwise.experiments.policy_specs import build_controller
 
 
@@ -36,3 +39,16 @@ def test_the_control_tunes_both_policies_alike_and_lets_lars_undo_the_scale():
     assert controller.bounds.min_multiplier <= 1 / scale**2
     runs = len(grid) * len(config.tuning_seeds) + len(config.seeds)
     assert len(planned_run_ids(config)) == 2 * runs
+
+
+def test_the_readme_settings_example_is_a_valid_config(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    head = (
+        'seeds = [0]\npolicies = ["uniform"]\n[[tasks]]\nname = "mnist1d_mlp"\nlr_grid = [0.01]\n'
+    )
+    (tmp_path / "c.toml").write_text(head + block)
+    specs = {s.setting: s for s in final_specs(load_config(tmp_path / "c.toml"), {})}
+    assert specs["noise20"].task_options == {"label_noise": 0.2}
+    assert specs["sgdm_sam"].policy_spec["sam"] == {"rho": 0.05}
+    assert specs["sgdm_sam"].overrides["optimizer"] == "sgd"
