@@ -23,12 +23,14 @@ that many training examples (a random subset drawn with ``split_seed``), and
 clean labels, as the test split does, so every regime is scored on the same examples.
 
 The positive control, :func:`mnist1d_scaled`: a deeper plain MLP (:class:`ScaledMLP`, no
-normalisation, no residual) with one hidden layer stored at ``1/scale`` of its weights
-(:class:`ScaledLinear`, ``W = scale * V``), trained with SGD and momentum. The network
+normalisation, no residual) with one layer (by default the head, ``scale = 100``) stored
+at ``1/scale`` of its weights (:class:`ScaledLinear`, ``W = scale * V``), trained with SGD
+and momentum. The network
 computes the same functions as without the scale, but the gradient of ``V`` is ``scale``
 times that of ``W`` and an SGD step on ``V`` moves ``W`` by ``scale**2`` times the step
 on ``W``: one layer's effective rate is ``scale**2`` times the others'. A uniform rate is
-held down by that layer's stability, and the others crawl. The trust ratio
+held down by that layer's stability (for the head, the loss diverges above it), and the
+others crawl. The trust ratio
 ``||V|| / ||grad V|| = (||W|| / ||grad W||) / scale**2`` (LARS, You et al. 2017) undoes the
 reparametrisation exactly, so a layer-wise rate has a known, large gain to find here.
 """

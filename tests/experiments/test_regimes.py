@@ -161,9 +161,17 @@ def test_settings_carry_regimes_and_update_keys_to_every_run():
             parse_config(_config(bad))
 
 
-@pytest.mark.parametrize("policy", ["sam", "normalized"])
-def test_a_run_with_a_regime_and_an_update_key_records_both_in_its_manifest(
-    policy, tmp_path, cache
+@pytest.mark.parametrize(
+    ("policy", "table", "keys"),
+    [
+        ("sam", {}, ["sam"]),
+        ("normalized", {}, ["normalize_grads"]),
+        ("lars_sam", {"preset": "trust_ratio", "recalibrate_every": 2, "warmup_steps": 1,
+                      "sam": {"rho": 0.1}, "normalize_grads": True}, ["sam", "normalize_grads"]),
+    ],
+)  # fmt: skip
+def test_a_run_with_a_regime_and_update_keys_records_them_in_its_manifest(
+    policy, table, keys, tmp_path, cache
 ):
     spec = RunSpec(
         kind="final",
@@ -173,7 +181,7 @@ def test_a_run_with_a_regime_and_an_update_key_records_both_in_its_manifest(
         setting="noisy",
         seed=1,
         lr=0.01,
-        policy_spec=resolve_policy(policy),
+        policy_spec=resolve_policy(policy, table),
         task_options={"label_noise": 0.3, "train_size": 200},
         overrides={"steps": 4, "eval_every": 2, "batch_size": 20},
         monitor={"probes": 0},
@@ -184,5 +192,30 @@ def test_a_run_with_a_regime_and_an_update_key_records_both_in_its_manifest(
     assert manifest["task"]["options"]["label_noise"] == 0.3
     assert manifest["task"]["data"]["sizes"]["train"] == 200
     assert manifest["spec"]["task_options"] == {"label_noise": 0.3, "train_size": 200}
-    key = "sam" if policy == "sam" else "normalize_grads"
-    assert key in manifest["policy"] and manifest["spec"]["policy_spec"][key]
+    for key in keys:
+        assert manifest["policy"][key] and manifest["spec"]["policy_spec"][key]
+    if policy == "lars_sam":  # the controller recalibrates under SAM and normalisation
+        assert summary["recalibrations"] == 2
+
+
+def test_an_ablation_writes_each_settings_regime_and_update_into_the_manifests(tmp_path, cache):
+    from layerwise.experiments.runner import ablate
+
+    raw = _config({"noisy": {"options": {"label_noise": 0.25, "train_size": 400}},
+                   "normalized": {"normalize_grads": True}})  # fmt: skip
+    raw["policies"] = {"uniform": {}}
+    result = ablate(parse_config(raw), tmp_path / "out", progress=False, report=False,
+                    cache_dir=cache)  # fmt: skip
+    assert not result.failed
+    runs = tmp_path / "out" / "runs"
+    noisy = json.loads(
+        (runs / "final__mnist1d_mlp__uniform__noisy__s0" / "manifest.json").read_text()
+    )
+    assert noisy["task"]["options"]["label_noise"] == 0.25
+    assert noisy["task"]["data"]["sizes"]["train"] == 400
+    assert "normalize_grads" not in noisy["policy"]
+    other = runs / "final__mnist1d_mlp__uniform__normalized__s0" / "manifest.json"
+    normalized = json.loads(other.read_text())
+    assert normalized["policy"]["normalize_grads"] is True
+    assert normalized["task"]["options"]["label_noise"] == 0.0
+    assert noisy["task"]["data"]["sha256"] != normalized["task"]["data"]["sha256"]
