@@ -61,7 +61,7 @@ def cotangent_sq_norms(
     check_int("size", size, 1)
     live = {n: v.detach().requires_grad_(True) for n, v in values.items()}
     capture = _Capture(live, size)
-    with capture.hooks(function.model), torch.enable_grad():
+    with capture.hooks(function), torch.enable_grad():
         out = function.evaluate(live, batch)
     calls = capture.calls
     ok = isinstance(out, torch.Tensor) and out.requires_grad and out.dim() > 0
