@@ -116,8 +116,7 @@ class FunctionalLoss:
         unknown = [n for n in self.params if n not in own]
         if unknown:
             raise ValueError(
-                f"params names unknown parameters {unknown}; the model's parameters are "
-                f"{list(own)}"
+                f"params names unknown parameters {unknown}; the model's parameters are {list(own)}"
             )
         self._module = _LossModule(model, loss_fn)
 
@@ -189,9 +188,7 @@ class RngReplay:
 
 
 @contextlib.contextmanager
-def leaves_no_trace(
-    model: nn.Module, *, structure: ModelStructure | None = None
-) -> Iterator[None]:
+def leaves_no_trace(model: nn.Module, *, structure: ModelStructure | None = None) -> Iterator[None]:
     """Restore, on exit (also on error), the global RNG state (CPU and the model's CUDA
     devices), the train/eval mode of every module and the ``.grad`` of every parameter.
     ``structure``: the model's :class:`~layerwise.sensitivity.structure.ModelStructure`, if

@@ -62,7 +62,9 @@ def example_sq_norms_and_dots(
     and the dots are zeros). ``memo``: a dict the caller keeps for this parameter while its
     terms' inputs stay the same (the cotangents of one forward pass: only the output
     gradients change), in which the inputs' squared norms ‖b_i‖² (no positions) are
-    kept per chunk of examples and reused, the very same numbers."""
+    kept per chunk of examples and reused, the very same numbers, and so are the inputs
+    b themselves (a convolution's patches), chunk by chunk while what is kept stays within
+    the budget."""
     if not terms:
         zero = centre.new_zeros(size)
         return zero, zero.clone()
@@ -91,10 +93,23 @@ def example_sq_norms_and_dots(
     step = max(1, max(budget or 0, MIN_BUDGET) // max(1, per_example))
     if chunk is not None:
         step = min(step, chunk)
+    # the inputs of one term that splits them off are kept for the next cotangent, chunk by
+    # chunk while what is kept stays within the budget
+    split = memo is not None and len(dense) == 1 and not index
+    split = split and dense[0].inputs is not None and dense[0].outputs is not None
     sq, dot = [], []
     for s in range(0, size, step):
         e = min(s + step, size)
-        a, b = _cat([t.make(s, e) for t in dense])
+        if split:
+            b = memo.get(("inputs", s, e))
+            if b is None:
+                b = dense[0].inputs(s, e)
+                kept = memo.get("kept", 0) + b.numel()
+                if kept <= max(budget or 0, MIN_BUDGET):
+                    memo[("inputs", s, e)], memo["kept"] = b, kept
+            a = dense[0].outputs(s, e)
+        else:
+            a, b = _cat([t.make(s, e) for t in dense])
         ids, beta = _cat([t.make(s, e) for t in index])
         if gram:
             part = _gram(a, b, ids, beta, c, dots, memo, (s, e))

@@ -62,9 +62,7 @@ def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
     out: list[Any] = []
     for prefix, m in model.named_modules(remove_duplicate=False):
         params = tuple(
-            (k, None)
-            if p is None
-            else (k, id(p), p.requires_grad, p.dtype, p.device, p.shape)
+            (k, None) if p is None else (k, id(p), p.requires_grad, p.dtype, p.device, p.shape)
             for k, p in m._parameters.items()
         )
         buffers = tuple(
@@ -123,9 +121,7 @@ class ModelStructure:
         """The modules that own parameters directly (those the per-example norms hook)."""
         return [r() for r in self._param_modules]  # type: ignore[misc]
 
-    def groups(
-        self, model: nn.Module, groups: Mapping[str, Iterable[str]] | None
-    ) -> GroupIndex:
+    def groups(self, model: nn.Module, groups: Mapping[str, Iterable[str]] | None) -> GroupIndex:
         """``resolve_groups(model, groups)``, cached per mapping (a mapping of strings to
         lists or tuples of strings; anything else is resolved afresh, errors included)."""
         key = _groups_key(groups)

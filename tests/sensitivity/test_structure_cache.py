@@ -3,6 +3,7 @@ that the estimate depends on, and the estimate after a change equals that of a f
 
 from __future__ import annotations
 
+import collections
 import copy
 import gc
 import weakref
@@ -96,3 +97,71 @@ def test_the_cache_keeps_no_model_alive_even_one_a_submodule_points_back_to():
     del net
     gc.collect()
     assert ref() is None
+
+
+# -- the inputs kept between the cotangents of one forward pass (outer_norms memo) ----------
+
+
+def _conv_term(size: int, gen: torch.Generator):
+    from layerwise.sensitivity.layer_terms import spec_for
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(size, 3, 6, 6, generator=gen)
+    spec = spec_for(conv, x, size)
+    saved = spec.save(conv, x)
+    return conv, spec, saved
+
+
+@pytest.mark.parametrize("budget", [None, 1])  # 1: nothing may be kept beyond MIN_BUDGET
+def test_kept_inputs_give_the_very_same_norms_as_a_fresh_computation(budget):
+    from layerwise.sensitivity import outer_norms
+
+    gen = torch.Generator().manual_seed(3)
+    size = 9
+    conv, spec, saved = _conv_term(size, gen)
+    lin = nn.Linear(5, 2)
+    xl = torch.randn(size, 5, generator=gen)
+    memos: dict[str, dict] = collections.defaultdict(dict)  # one per parameter and chunking
+    for _ in range(3):  # three cotangents: new output gradients, the same inputs
+        delta = torch.randn(size, 4, 6, 6, generator=gen)
+        dl = torch.randn(size, 2, generator=gen)
+        for key, made, centre in (
+            ("conv", spec.terms(conv, saved, delta)["weight"], conv.weight),
+            ("lin", spec_of(lin, xl, dl)["weight"], lin.weight),
+        ):
+            for chunk in (None, 4):
+                fresh = outer_norms.example_sq_norms_and_dots(
+                    [made], centre.detach(), size, budget, chunk, dots=False
+                )
+                kept = outer_norms.example_sq_norms_and_dots(
+                    [made], centre.detach(), size, budget, chunk, dots=False,
+                    memo=memos[f"{key}{chunk}"],
+                )  # fmt: skip
+                assert torch.equal(fresh[0], kept[0])
+    conv_memo = memos["convNone"]
+    assert ("inputs", 0, size) in conv_memo
+    assert conv_memo["kept"] <= outer_norms.MIN_BUDGET
+    assert any(k[0] == "input_sq" for k in memos["linNone"] if isinstance(k, tuple))
+
+
+def spec_of(layer: nn.Module, x: torch.Tensor, delta: torch.Tensor):
+    from layerwise.sensitivity.layer_terms import spec_for
+
+    spec = spec_for(layer, x, x.shape[0])
+    return spec.terms(layer, spec.save(layer, x), delta)
+
+
+def test_kept_inputs_stop_at_the_budget(monkeypatch):
+    from layerwise.sensitivity import outer_norms
+
+    gen = torch.Generator().manual_seed(4)
+    size = 8
+    conv, spec, saved = _conv_term(size, gen)
+    per_example = 3 * 9 * 36  # patches of one example: (C_in k²) × positions
+    monkeypatch.setattr(outer_norms, "MIN_BUDGET", 3 * per_example)
+    memo: dict = {}
+    delta = torch.randn(size, 4, 6, 6, generator=gen)
+    made = spec.terms(conv, saved, delta)["weight"]
+    outer_norms.example_sq_norms_and_dots([made], conv.weight.detach(), size, 1, 2, False, memo)
+    assert memo["kept"] == 3 * per_example - per_example  # whole chunks of 2, within 3
+    assert sorted(k for k in memo if isinstance(k, tuple)) == [("inputs", 0, 2)]
