@@ -12,6 +12,7 @@ Inner pieces, one per file: :mod:`~layerwise.sensitivity.functional` (the model 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +28,7 @@ from layerwise.sensitivity.hvp import choose_hvp_mode
 from layerwise.sensitivity.losses import OutputLoss
 from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.probes import make_generator
-from layerwise.sensitivity.report import EstimateCost, SensitivityReport
+from layerwise.sensitivity.report import SensitivityReport
 from layerwise.sensitivity.runner import Plan, Run
 from layerwise.sensitivity.structure import model_structure
 from layerwise.sensitivity.validation import check_call, check_materialized
@@ -258,7 +259,7 @@ def estimate(
     }
     if isinstance(loss_fn, OutputLoss):
         recorded["loss"] = loss_fn.settings()
-    cost = EstimateCost(**{**report.cost.to_dict(), "seconds": seconds})
+    cost = dataclasses.replace(report.cost, seconds=seconds)
     return SensitivityReport(report.groups, cost, recorded)
 
 
