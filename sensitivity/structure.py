@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.parameter import is_lazy
 
 from layerwise.sensitivity.groups import GroupIndex, resolve_groups
 
@@ -57,18 +58,22 @@ GROUPS_KEPT = 8
 _CACHE: weakref.WeakKeyDictionary[nn.Module, ModelStructure] = weakref.WeakKeyDictionary()
 
 
+def _entry(key: str, t: torch.Tensor | None, grad: bool) -> tuple[Any, ...]:
+    if t is None:
+        return (key, None)
+    if is_lazy(t):  # an uninitialised parameter of a lazy module: it has no shape yet
+        return (key, id(t), "lazy")
+    if grad:
+        return (key, id(t), t.requires_grad, t.dtype, t.device, t.shape)
+    return (key, id(t), t.dtype, t.device, t.shape)
+
+
 def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
     """The tree as the module docstring lists it (one walk)."""
     out: list[Any] = []
     for prefix, m in model.named_modules(remove_duplicate=False):
-        params = tuple(
-            (k, None) if p is None else (k, id(p), p.requires_grad, p.dtype, p.device, p.shape)
-            for k, p in m._parameters.items()
-        )
-        buffers = tuple(
-            (k, None) if b is None else (k, id(b), b.dtype, b.device, b.shape)
-            for k, b in m._buffers.items()
-        )
+        params = tuple(_entry(k, p, True) for k, p in m._parameters.items())
+        buffers = tuple(_entry(k, b, False) for k, b in m._buffers.items())
         norm = getattr(m, "track_running_stats", None) if isinstance(m, _NormBase) else None
         out.append((prefix, id(m), type(m), m.training, norm, params, buffers))
     return tuple(out)
@@ -103,7 +108,9 @@ class ModelStructure:
             if isinstance(m, _NormBase) and m.training and m.track_running_stats
         )
         named = [*self.named_parameters.items(), *self.named_buffers]
-        self.meta: tuple[str, ...] = tuple(name for name, t in named if t.is_meta)
+        self.meta: tuple[str, ...] = tuple(
+            name for name, t in named if not is_lazy(t) and t.is_meta
+        )
         self._groups: dict[Hashable, GroupIndex] = {}
 
     def alive(self) -> bool:

@@ -75,6 +75,18 @@ def test_estimate_after_a_change_equals_a_fresh_models(change):
     assert ours.settings["groups"] == theirs.settings["groups"]
 
 
+def test_a_lazy_module_is_refused_as_before_and_measured_once_materialised():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LazyLinear(6), nn.Tanh(), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match="uninitialized parameter"):
+        estimate(net, _loss, BATCH, probes=2, seed=0)
+    net(BATCH[0])  # materialises the parameters in place: the same objects, now with shapes
+    ours = estimate(net, _loss, BATCH, probes=2, seed=0)
+    theirs = estimate(copy.deepcopy(net), _loss, BATCH, probes=2, seed=0)
+    assert [g.to_dict() for g in ours] == [g.to_dict() for g in theirs]
+    assert ours["0"].num_params == 4 * 6 + 6
+
+
 def test_groups_are_cached_per_mapping_and_bad_ones_still_raise():
     net = _net()
     s = model_structure(net)
