@@ -12,6 +12,7 @@ Inner pieces, one per file: :mod:`~layerwise.sensitivity.functional` (the model 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,20 +22,15 @@ import torch
 from torch import nn
 
 from layerwise.sensitivity.batching import as_batches, batch_size_of, cast_batch, count_batches
-from layerwise.sensitivity.functional import (
-    FunctionalLoss,
-    leaves_no_trace,
-    model_devices,
-    uses_batch_statistics,
-)
+from layerwise.sensitivity.functional import FunctionalLoss, leaves_no_trace
 from layerwise.sensitivity.ggn import GGNEstimator, output_loss
-from layerwise.sensitivity.groups import resolve_groups
 from layerwise.sensitivity.hvp import choose_hvp_mode
 from layerwise.sensitivity.losses import OutputLoss
 from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.probes import make_generator
-from layerwise.sensitivity.report import EstimateCost, SensitivityReport
+from layerwise.sensitivity.report import SensitivityReport
 from layerwise.sensitivity.runner import Plan, Run
+from layerwise.sensitivity.structure import model_structure
 from layerwise.sensitivity.validation import check_call, check_materialized
 
 __all__ = ["estimate"]
@@ -194,11 +190,14 @@ def estimate(
         options = options.replace(**settings)
     wanted = options.quantities
     target = output_loss(loss_fn) if "ggn_trace" in wanted else None  # before any work
-    index = resolve_groups(model, groups)
-    devices = list(dict.fromkeys(model.get_parameter(n).device for n in index.params))
+    structure = model_structure(model)  # one walk of the tree; the rest is cached
+    index = structure.groups(model, groups)
+    named = structure.named_parameters
+    devices = list(dict.fromkeys(named[n].device for n in index.params))
     _check_generator(generator, devices)
-    check_materialized(model)
-    batch_statistics = uses_batch_statistics(model)
+    if structure.meta:
+        check_materialized(model)  # raises, naming them
+    batch_statistics = structure.batch_statistics
     plan = Plan(
         index=index,
         trace="hessian_trace" in wanted,
@@ -209,7 +208,7 @@ def estimate(
         mode=choose_hvp_mode(
             options.hvp_mode,
             math.ceil(options.budget / options.chunk_size),
-            model.get_parameter(index.params[0]).device,
+            named[index.params[0]].device,
         ),
         fallback=options.hvp_mode == "auto",
         method=options.variance
@@ -231,8 +230,8 @@ def estimate(
         )
     expected = count_batches(batches)
     dtype = options.dtype
-    with leaves_no_trace(model):
-        loss = FunctionalLoss(model, loss_fn, index.params, dtype)
+    with leaves_no_trace(model, structure=structure):
+        loss = FunctionalLoss(model, loss_fn, index.params, dtype, structure=structure)
         gen = generator if generator is not None else make_generator(devices[0], options.seed)
         ggn = None
         if target is not None:
@@ -240,9 +239,9 @@ def estimate(
                 target, model, index.params, index.param_group, len(index),
                 per_example=not batch_statistics, dtype=dtype,
                 example_chunk_size=options.example_chunk_size, chunk_size=options.chunk_size,
-                sampler=options.ggn_sampler,
+                sampler=options.ggn_sampler, structure=structure,
             )  # fmt: skip
-        run = Run(plan, loss, gen, model_devices(model), progress, expected, ggn)
+        run = Run(plan, loss, gen, list(structure.devices), progress, expected, ggn)
         for batch in as_batches(batches):
             size = batch_size_of(batch, batch_size)
             run.batch(cast_batch(batch, dtype), size)
@@ -260,7 +259,7 @@ def estimate(
     }
     if isinstance(loss_fn, OutputLoss):
         recorded["loss"] = loss_fn.settings()
-    cost = EstimateCost(**{**report.cost.to_dict(), "seconds": seconds})
+    cost = dataclasses.replace(report.cost, seconds=seconds)
     return SensitivityReport(report.groups, cost, recorded)
 
 

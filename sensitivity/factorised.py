@@ -145,13 +145,22 @@ class _Capture:
         self.calls.append(call)
 
     @contextmanager
-    def hooks(self, model: nn.Module) -> Iterator[None]:
+    def hooks(self, loss: FunctionalLoss) -> Iterator[None]:
+        """The hooks on every module of ``loss.model`` that owns parameters (from the loss's
+        :class:`~layerwise.sensitivity.structure.ModelStructure` when it has one)."""
         handles = []
+        if loss.structure is not None:
+            modules = loss.structure.param_modules
+        else:
+            modules = [
+                m
+                for m in loss.model.modules()
+                if any(t is not None for t in m._parameters.values())
+            ]
         try:
-            for m in model.modules():
-                if any(t is not None for t in m._parameters.values()):
-                    handles.append(m.register_forward_pre_hook(self.pre))
-                    handles.append(m.register_forward_hook(self.post))
+            for m in modules:
+                handles.append(m.register_forward_pre_hook(self.pre))
+                handles.append(m.register_forward_hook(self.post))
             yield
         finally:
             for h in handles:
@@ -176,7 +185,7 @@ def example_norms(
     values = loss.values
     live = {n: v.detach().requires_grad_(True) for n, v in values.items()}
     capture = _Capture(live, size)
-    with capture.hooks(loss.model), torch.enable_grad():
+    with capture.hooks(loss), torch.enable_grad():
         out = loss(live, batch)
     aliases = [(c, local, t) for c in capture.calls for local, t in c.aliases.items()]
     if out.requires_grad:

@@ -22,13 +22,16 @@ train/eval modes and the ``.grad`` fields are as before when an estimator return
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+if TYPE_CHECKING:
+    from layerwise.sensitivity.structure import ModelStructure
 
 __all__ = [
     "FunctionalLoss",
@@ -86,19 +89,34 @@ class FunctionalLoss:
         loss_fn: Callable[[nn.Module, Any], torch.Tensor],
         params: Sequence[str],
         dtype: torch.dtype | None = None,
+        *,
+        structure: ModelStructure | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
         self.model = model
+        #: the model's :class:`~layerwise.sensitivity.structure.ModelStructure` when given
+        #: (its tree as of now), which spares the walks of the tree
+        self.structure = structure
         self.params = tuple(params)
-        own_names = dict(model.named_parameters())
-        unknown = [n for n in self.params if n not in own_names]
+        if structure is not None:
+            own = structure.named_parameters
+            buffers: Iterable[tuple[str, torch.Tensor]] = structure.named_buffers
+            batch_stats = structure.batch_stat_modules
+        else:
+            own = dict(model.named_parameters())
+            buffers = model.named_buffers()
+            batch_stats = frozenset(
+                name
+                for name, m in model.named_modules()
+                if isinstance(m, _NormBase) and m.training and m.track_running_stats
+            )
+        unknown = [n for n in self.params if n not in own]
         if unknown:
             raise ValueError(
-                f"params names unknown parameters {unknown}; the model's parameters are "
-                f"{list(own_names)}"
+                f"params names unknown parameters {unknown}; the model's parameters are {list(own)}"
             )
         self._module = _LossModule(model, loss_fn)
 
@@ -107,17 +125,11 @@ class FunctionalLoss:
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
         chosen = set(self.params)
-        own = dict(model.named_parameters())
         self.values = {n: cast(own[n]) for n in self.params}
         fixed: dict[str, torch.Tensor | None] = {
             "model." + n: cast(p) for n, p in own.items() if n not in chosen
         }
-        batch_stats = {
-            name
-            for name, m in model.named_modules()
-            if isinstance(m, _NormBase) and m.training and m.track_running_stats
-        }
-        for name, b in model.named_buffers():
+        for name, b in buffers:
             owner, _, leaf = name.rpartition(".")
             if owner in batch_stats and leaf in _RUNNING:
                 fixed["model." + name] = None
@@ -176,17 +188,23 @@ class RngReplay:
 
 
 @contextlib.contextmanager
-def leaves_no_trace(model: nn.Module) -> Iterator[None]:
+def leaves_no_trace(model: nn.Module, *, structure: ModelStructure | None = None) -> Iterator[None]:
     """Restore, on exit (also on error), the global RNG state (CPU and the model's CUDA
     devices), the train/eval mode of every module and the ``.grad`` of every parameter.
+    ``structure``: the model's :class:`~layerwise.sensitivity.structure.ModelStructure`, if
+    the caller has it (the same modules and parameters, without walking the tree).
 
     Parameters and buffers need no restoring: estimators only ever see detached copies
     (:class:`FunctionalLoss`), so the model's tensors are never written to.
     """
-    devices = [d.index or 0 for d in model_devices(model) if d.type == "cuda"]
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.grad) for p in model.parameters()]
-    with torch.random.fork_rng(devices=sorted(set(devices))):
+    if structure is None:
+        found, modules, params = model_devices(model), model.modules(), model.parameters()
+    else:
+        found, modules, params = structure.devices, structure.modules, structure.parameters
+    devices = sorted({d.index or 0 for d in found if d.type == "cuda"})
+    modes = [(m, m.training) for m in modules]
+    grads = [(p, p.grad) for p in params]
+    with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:

@@ -59,7 +59,7 @@ summed over the group, like ``hessian_trace``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -67,6 +67,9 @@ from torch import nn
 from layerwise.sensitivity.label_sampling import SAMPLERS, draw_noise, sampled_cotangents
 from layerwise.sensitivity.losses import OutputLoss
 from layerwise.sensitivity.output_vjp import OutputVJP
+
+if TYPE_CHECKING:
+    from layerwise.sensitivity.structure import ModelStructure
 
 __all__ = [
     "EXACT_MAX_COLUMNS",
@@ -132,13 +135,14 @@ class GGNEstimator:
         example_chunk_size: int | None = None,
         chunk_size: int = 8,
         sampler: str = "importance",
+        structure: ModelStructure | None = None,
     ) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.loss, self.sampler, self.per_example = output_loss(loss), sampler, per_example
         self.vjps = OutputVJP(
             loss.forward, model, params, group_of, num_groups, dtype=dtype,
-            example_chunk_size=example_chunk_size, chunk_size=chunk_size,
+            example_chunk_size=example_chunk_size, chunk_size=chunk_size, structure=structure,
         )  # fmt: skip
 
     def _targets(self, batch: Any, size: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ tensor([[20.]])
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from layerwise.sensitivity.batching import example_in_dims, slice_batch
 from layerwise.sensitivity.cotangent_norms import cotangent_sq_norms
 from layerwise.sensitivity.functional import FunctionalLoss
+
+if TYPE_CHECKING:
+    from layerwise.sensitivity.structure import ModelStructure
 
 __all__ = ["OutputVJP"]
 
@@ -74,8 +77,9 @@ class OutputVJP:
         dtype: torch.dtype | None = None,
         example_chunk_size: int | None = None,
         chunk_size: int = 8,
+        structure: ModelStructure | None = None,
     ) -> None:
-        self.function = FunctionalLoss(model, forward, params, dtype)
+        self.function = FunctionalLoss(model, forward, params, dtype, structure=structure)
         first = next(iter(self.function.values.values()))
         index = torch.as_tensor(group_of, dtype=torch.long, device=first.device)
         groups = torch.arange(num_groups, device=first.device)

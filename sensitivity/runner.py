@@ -81,6 +81,7 @@ class Run:
         # kept as it is (no copy); a second batch starts the running sum
         self.grad_sum: tuple[float, list[torch.Tensor], bool] | None = None  # owned?
         self.stats: list[BatchGradStats] = []
+        self.centre_sq: torch.Tensor | None = None  # per-group ‖G‖² from the noise, one batch
         self.group_probes = [0] * g
         self.examples = self.batches = self.hvps = self.done = 0
         self.modes: dict[str, None] = {}
@@ -142,6 +143,9 @@ class Run:
                 self.grad_sum = (1.0, total, True)
             if self.plan.noise:
                 self.stats.append(self._noise(batch, size, gradient, norms))
+                # one batch, its gradient centred the noise: the same per-group ‖G‖², reused
+                one = self.batches == 1 and list(gradient) == self.names
+                self.centre_sq = self.stats[-1].centre_sq if one else None
             self._tick(1)
         # the GGN alone evaluates the outputs, not this loss: only a loss it ran is checked
         if (self.plan.trace or self.plan.gradient) and not self.loss.reached:
@@ -224,7 +228,8 @@ class Run:
         }
         if plan.gradient:
             scale, total, _ = self.grad_sum or (1.0, [], True)
-            grad_sq = self._per_group(_squares(total)) * (scale / n) ** 2
+            grad_sq = self._per_group(_squares(total)) if self.centre_sq is None else self.centre_sq
+            grad_sq = grad_sq * (scale / n) ** 2
             rows["grad_norm"] = grad_sq.sqrt()
         if plan.noise:
             trace_sigma, trace_var, norm_var = combine_batches(self.stats)
