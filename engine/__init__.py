@@ -12,6 +12,8 @@ from its components' state dicts), :mod:`~layerwise.engine.base_state` (does a c
 the wrapped optimizer), :mod:`~layerwise.engine.history` (the recalibration log
 in memory), :mod:`~layerwise.engine.callbacks` (callbacks, TensorBoard writers),
 :mod:`~layerwise.engine.batches` (estimation batches from an iterable),
+:mod:`~layerwise.engine.preflight` (can the model be estimated: at construction and on the
+first batch),
 :mod:`~layerwise.engine.naming` (group and parameter names).
 
 Per-group schedules and factors are :class:`layerwise.policies.LayerwiseLR`, a torch
@@ -26,6 +28,7 @@ from layerwise.engine.multipliers import MULTIPLIER_KEY, apply_multipliers, rest
 from layerwise.engine.nonfinite import NonFiniteGradientError
 from layerwise.engine.optimizer import LayerwiseOptimizer
 from layerwise.engine.options import DEFAULT_PROBES, required_quantities
+from layerwise.engine.preflight import PreflightError
 from layerwise.engine.recalibration import Recalibration
 
 __all__: list[str] = [
@@ -35,6 +38,7 @@ __all__: list[str] = [
     "History",
     "LayerwiseOptimizer",
     "NonFiniteGradientError",
+    "PreflightError",
     "Recalibration",
     "ScalarLogger",
     "apply_multipliers",

@@ -22,6 +22,7 @@ from layerwise.sensitivity.groups import GroupIndex, default_groups, resolve_gro
 from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
 from layerwise.sensitivity.hvp import HessianProduct
 from layerwise.sensitivity.losses import CrossEntropy, MeanSquaredError, OutputLoss
+from layerwise.sensitivity.model_losses import ModelOutputLoss, model_output_loss
 from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.per_example import per_example_gradients
 from layerwise.sensitivity.probes import draw_probes, make_generator
@@ -46,6 +47,7 @@ __all__ = [
     "HessianProduct",
     "MeanSquaredError",
     "MetaTensorError",
+    "ModelOutputLoss",
     "NoGradientPathError",
     "NoiseEstimate",
     "NonFloatingParameterError",
@@ -59,6 +61,7 @@ __all__ = [
     "hutchinson_samples",
     "leaves_no_trace",
     "make_generator",
+    "model_output_loss",
     "per_example_gradients",
     "resolve_groups",
     "trace_estimate",

@@ -223,6 +223,7 @@ def estimate(
         batch_statistics=batch_statistics,
         ggn=options.ggn if target is not None else None,
         ggn_samples=options.ggn_samples,
+        variance_auto=options.variance == "auto",
     )
     if plan.noise and plan.method == "per_example" and batch_statistics:
         raise ValueError(

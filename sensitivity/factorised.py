@@ -217,7 +217,8 @@ def example_norms(
         fast = list(sq)
         sq = dict(zip(fast, torch.stack(list(sq.values())).mul_(size**2).unbind(0), strict=True))
         dot = dict(zip(fast, torch.stack(list(dot.values())).mul_(size).unbind(0), strict=True))
-    total = _fallback(loss, gradient, batch, size, fallback, chunk, sq, dot)
+    with loss.slices_of(batch, size):  # g_i = B × example i's share, as factorised
+        total = _fallback(loss, gradient, batch, size, fallback, chunk, sq, dot)
     order = list(live)
     return ExampleNorms(
         gradient={n: gradient[n] for n in order},
