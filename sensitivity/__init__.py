@@ -13,6 +13,7 @@ from layerwise.sensitivity.errors import (
     NoGradientPathError,
     NonFloatingParameterError,
     NotMeasurableError,
+    PerExampleGradientError,
 )
 from layerwise.sensitivity.estimate import estimate
 from layerwise.sensitivity.factorised import ExampleNorms, example_norms
@@ -26,6 +27,7 @@ from layerwise.sensitivity.model_losses import ModelOutputLoss, model_output_los
 from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.per_example import per_example_gradients
 from layerwise.sensitivity.probes import draw_probes, make_generator
+from layerwise.sensitivity.runner import PerExampleFallbackWarning
 from layerwise.sensitivity.report import COLUMNS, EstimateCost, GroupEstimate, SensitivityReport
 from layerwise.sensitivity.two_batch import NoiseEstimate, two_batch_noise
 from layerwise.sensitivity.validation import KNOWN_QUANTITIES, QUANTITIES
@@ -53,6 +55,8 @@ __all__ = [
     "NonFloatingParameterError",
     "NotMeasurableError",
     "OutputLoss",
+    "PerExampleFallbackWarning",
+    "PerExampleGradientError",
     "SensitivityReport",
     "default_groups",
     "draw_probes",

@@ -128,14 +128,20 @@ def move_batch(batch: Any, device: torch.device | str) -> Any:
 def _is_single_batch(batches: Any) -> bool:
     if isinstance(batches, (torch.Tensor, Mapping)):
         return True
-    if isinstance(batches, (tuple, list)):
-        return len(batches) > 0 and isinstance(batches[0], torch.Tensor)
+    if dataclasses.is_dataclass(batches) and not isinstance(batches, type):
+        return True
+    if isinstance(batches, tuple) and hasattr(batches, "_fields"):  # a named tuple
+        return True
+    if isinstance(batches, (tuple, list)):  # (x, y), ((x, extras), y): a tensor among them
+        return any(isinstance(b, torch.Tensor) for b in batches)
     return False
 
 
 def as_batches(batches: Any) -> Iterator[Any]:
-    """Iterate over ``batches``: one batch (a tensor, a mapping, or a tuple/list whose first
-    element is a tensor) or an iterable of batches (a list of tuples, a DataLoader, ...).
+    """Iterate over ``batches``: one batch (a tensor, a mapping, a dataclass, a named tuple,
+    or a tuple/list with a tensor among its elements, such as ``(x, y)`` or
+    ``((x, extras), y)``) or an iterable of batches (a list of tuples, a DataLoader, ...;
+    wrap a batch of another layout in a list: ``[batch]``).
 
     >>> x, y = torch.zeros(4, 2), torch.zeros(4)
     >>> len(list(as_batches((x, y)))), len(list(as_batches([(x, y), (x, y)])))
