@@ -8,8 +8,7 @@ estimator's own error chained as ``__cause__``:
 
 * **at construction**, what needs no batch (:func:`check_model`): tensors on the ``meta``
   device (shapes without data), inference tensors (made under ``torch.inference_mode()``,
-  which autograd refuses), parameters of the optimizer's groups that are not floating
-  point;
+  which autograd refuses);
 * **on the first batch the engine sees** (the batch given to the first ``step(batch)``, or
   the first of ``batches=``, peeked without counting it and without touching the global
   random streams), before the first base step (:func:`dry_run`): one small estimate with
@@ -52,9 +51,11 @@ class PreflightError(NotMeasurableError):
     """The engine cannot estimate this model with these options (module docstring)."""
 
 
-def check_model(model: nn.Module, mapping: Mapping[str, list[str]]) -> None:
+def check_model(model: nn.Module) -> None:
     """Refuse, before any step, a model that cannot be estimated at all: meta tensors,
-    inference tensors, non-floating parameters in the optimizer's groups."""
+    inference tensors. (Parameters without gradients, integer ones included, never enter
+    the mapping; an optimizer with none at all is refused by
+    :func:`layerwise.engine.naming.parameter_mapping`.)"""
     owners = dict(model.named_modules())
 
     def module_of(name: str) -> str:
@@ -78,16 +79,6 @@ def check_model(model: nn.Module, mapping: Mapping[str, list[str]]) -> None:
             f"{len(inference)} in all), which autograd refuses. Build or load the model "
             "outside inference_mode, or clone its tensors there (p.data = p.clone())"
         )
-    params = dict(model.named_parameters())
-    for group, names in mapping.items():
-        for n in names:
-            p = params.get(n)
-            if p is not None and not p.is_floating_point():
-                raise PreflightError(
-                    f"LayerwiseOptimizer cannot estimate group {group!r}: module "
-                    f"{module_of(n)} has parameter {n!r} of dtype {p.dtype}, which has no "
-                    "gradient. Leave it out of the optimizer's groups (register it as a buffer)"
-                )
 
 
 def dry_run_options(options: EstimateOptions) -> EstimateOptions:

@@ -89,7 +89,7 @@ class Recalibrator:
         self.optimizer, self.model, self.loss_fn = optimizer, model, loss_fn
         self.module = unwrap_model(model)
         self.mapping = parameter_mapping(model, optimizer.param_groups)
-        check_model(self.module, self.mapping)  # what can be refused without a batch
+        check_model(self.module)  # what can be refused without a batch
         self.options, self.runtime = estimator_options(estimator, self.controller)
         self.variance_fallback: str | None = None
         if "ggn_trace" in self.options.quantities:  # refused now, not at the first recalibration

@@ -31,10 +31,10 @@ outputs and loss, which a model's own loss does not give: use a loss object ther
 >>> net, x, y = Net(), torch.ones(3, 2), torch.zeros(3, 1)
 >>> bool(model_output_loss(net, {"x": x, "labels": y}) == ((net.fc(x) - y) ** 2).mean())
 True
->>> model_output_loss(net, {"x": x})
+>>> model_output_loss(net, {"x": x})  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: model_output_loss: the model returned no loss (its 'loss' is None; a Hugging Face model computes one only when the batch holds its labels, e.g. batch['labels']); the output's keys are ['logits', 'loss']
+ValueError: model_output_loss: the model returned no loss (its 'loss' is None; ...
 """
 
 from __future__ import annotations
@@ -92,8 +92,10 @@ class ModelOutputLoss:
             keys, known = None, hasattr(output, self.key)
         if loss is None:
             what = f"its {self.key!r} is None" if known else f"it has no {self.key!r}"
-            shown = f"the output's keys are {keys}" if keys is not None else (
-                f"it returned a {type(output).__name__}"
+            shown = (
+                f"the output's keys are {keys}"
+                if keys is not None
+                else (f"it returned a {type(output).__name__}")
             )
             raise ValueError(
                 f"{where}: the model returned no loss ({what}; a Hugging Face model computes "

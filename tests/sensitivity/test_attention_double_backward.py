@@ -102,7 +102,9 @@ class ViTBlock(nn.Module):
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
         self.head = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +138,13 @@ def test_attention_layers_give_every_quantity(make, train):
     model = make().train(train)
     batch = (torch.randn(6, 5, 8), torch.randint(0, 3, (6,)))
     ce = CrossEntropy(_logits, lambda b: b[1])
-    report = estimate(model, ce, batch, probes=2, quantities=["grad_norm", "grad_variance", "hessian_trace", "ggn_trace"])
+    report = estimate(
+        model,
+        ce,
+        batch,
+        probes=2,
+        quantities=["grad_norm", "grad_variance", "hessian_trace", "ggn_trace"],
+    )
     assert report.settings["attention_backend"] == "math"
     for row in report:
         for value in (row.grad_norm, row.grad_variance, row.hessian_trace, row.ggn_trace):

@@ -147,6 +147,7 @@ def test_model_output_loss_reads_a_model_output_a_dict_or_a_scalar():
     assert model_output_loss(bert, batch) == bert(**batch).loss
     net, x, mask, y = _data()
     assert model_output_loss(net, (x, mask, y)) == net(x, mask, y)["loss"]
+
     class Scalar(nn.Module):
         def forward(self, b):
             return b.sum()
@@ -154,7 +155,9 @@ def test_model_output_loss_reads_a_model_output_a_dict_or_a_scalar():
     assert model_output_loss(Scalar(), torch.ones(2)) == 2
     with pytest.raises(ValueError, match=r"its 'loss' is None.*batch\['labels'\]"):
         model_output_loss(net, (x, mask))
-    with pytest.raises(ValueError, match=r"returned no loss \(it has no 'loss'.*keys are \['last_hidden_state'"):
+    with pytest.raises(
+        ValueError, match=r"returned no loss \(it has no 'loss'.*keys are \['last_hidden_state'"
+    ):
         model_output_loss(bert.bert, {"input_ids": batch["input_ids"]})
     with pytest.raises(ValueError, match=r"a tensor of shape \(6, 3\), not a scalar loss"):
         model_output_loss(nn.Linear(4, 3).double(), x)
@@ -185,8 +188,14 @@ def _share_gradients(case, names):
 def test_token_losses_with_ignored_examples_give_exact_per_example_statistics(variance):
     case = tied_lm()  # example 2 has every token ignored, example 0 two of six
     groups = default_groups(case.model)
-    report = estimate(case.model, case.loss_object, case.batch, quantities=["grad_variance"],
-                      variance=variance, micro_batches=4)  # fmt: skip: 4 pieces of 1 example
+    report = estimate(
+        case.model,
+        case.loss_object,
+        case.batch,
+        quantities=["grad_variance"],
+        variance=variance,
+        micro_batches=4,
+    )  # fmt: skip: 4 pieces of 1 example
     if variance == "per_example":
         assert report.settings["per_example"] == "factorised+vmap"  # the tied weight: vmap
     for g, members in groups.items():

@@ -164,6 +164,7 @@ def test_layer_without_double_backward_is_named_with_advice():
     assert grads_only["0.qkv"].grad_norm > 0
     assert estimate(Attention(need_weights=False), loss, (x, y), probes=2)["attn"].hessian_trace
 
+
 def test_probe_and_two_batch_helpers_validate():
     gen = make_generator("cpu", 0)
     with pytest.raises(ValueError, match=r"seed must be an int >= 0, got -3"):
