@@ -14,7 +14,9 @@ gradients.
 so that (1/B) Σ_i g_i = c exactly. When L = (1/B) Σ_i ℓ_i (the loss contract), g_i = ∇ℓ_i,
 the per-example gradient of the *summed* loss's terms, the same as ``vmap`` of ``grad``
 on one-example batches. (For a loss that weights examples unequally, such as a token
-mean over sequences of unequal length, g_i is example i's share, scaled by B.)
+mean over sequences of unequal length, g_i is example i's share, scaled by B; for a loss
+object the ``vmap`` fallback evaluates exactly that share,
+:meth:`layerwise.sensitivity.losses.OutputLoss.share`.)
 
 **Which parameters.** Each measured parameter a covered layer uses is swapped, for that
 call only, for a fresh leaf sharing its storage, so the backward pass tells apart the
