@@ -216,3 +216,28 @@ def test_hugging_face_sdpa_models_give_hessian_traces(kind):
                       quantities=["grad_norm", "hessian_trace"])  # fmt: skip
     assert report.settings["attention_backend"] == "math"
     assert all(math.isfinite(row.hessian_trace) for row in report)
+
+
+def test_no_pass_of_an_estimate_takes_the_multihead_fast_path(monkeypatch):
+    """In eval mode a pass without gradients (the GGN's shape check of the first example's
+    outputs) would take ``torch._native_multi_head_attention``; under ``torch.func``'s
+    ``grad`` it is not taken. Inside the estimator it is never taken."""
+    calls = []
+    native = torch._native_multi_head_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return native(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", counting)
+    torch.manual_seed(0)
+    model = MHAModel().eval()
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        model(x)
+    assert calls, "the fast path is taken by a plain pass without gradients"
+    calls.clear()
+    ce = CrossEntropy(_logits, lambda b: b[1])
+    estimate(model, ce, (x, torch.randint(0, 3, (4,))), probes=2,
+             quantities=["grad_variance", "hessian_trace", "ggn_trace"])  # fmt: skip
+    assert not calls
