@@ -28,9 +28,9 @@ from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.per_example import per_example_gradients
 from layerwise.sensitivity.probes import draw_probes, make_generator
 from layerwise.sensitivity.report import COLUMNS, EstimateCost, GroupEstimate, SensitivityReport
-from layerwise.sensitivity.runner import PerExampleFallbackWarning
 from layerwise.sensitivity.two_batch import NoiseEstimate, two_batch_noise
 from layerwise.sensitivity.validation import KNOWN_QUANTITIES, QUANTITIES
+from layerwise.sensitivity.vmap_fallback import PerExampleFallbackWarning
 
 __all__ = [
     "COLUMNS",

@@ -9,18 +9,17 @@ estimate then uses micro-batch statistics for that batch and the following ones
 (:mod:`layerwise.sensitivity.microbatch`), records why in
 ``report.settings["variance_fallback"]`` (``"variance"`` reads ``"micro_batch"``, or
 ``"per_example+micro_batch"`` when earlier batches had per-example statistics) and warns
-once per cause and model class (:class:`PerExampleFallbackWarning`). An explicit
-``variance="per_example"`` raises
+once per cause and model class; an explicit ``variance="per_example"`` raises
 :class:`~layerwise.sensitivity.errors.PerExampleGradientError` naming the module and the
-cause. Likewise the sampled or exact GGN trace, per example through ``vmap``, falls back to
-the batch function's products (exact in expectation too, :mod:`layerwise.sensitivity.ggn`)
-and records it in ``report.settings["ggn_fallback"]``.
+cause (:mod:`layerwise.sensitivity.vmap_fallback`). Likewise the sampled or exact GGN
+trace, per example through ``vmap``, falls back to the batch function's products (exact in
+expectation too, :mod:`layerwise.sensitivity.ggn`) and records it in
+``report.settings["ggn_fallback"]``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +27,7 @@ from typing import Any
 import torch
 
 from layerwise.sensitivity.attention import ATTENTION_BACKEND
-from layerwise.sensitivity.batching import slice_batch
-from layerwise.sensitivity.errors import (
-    NoGradientPathError,
-    PerExampleGradientError,
-    module_raising,
-    vmap_cause,
-)
+from layerwise.sensitivity.errors import NoGradientPathError, vmap_cause
 from layerwise.sensitivity.factorised import ExampleNorms, example_norms
 from layerwise.sensitivity.functional import FunctionalLoss, RngReplay
 from layerwise.sensitivity.ggn import GGNEstimator
@@ -48,25 +41,12 @@ from layerwise.sensitivity.groups import GroupIndex
 from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
 from layerwise.sensitivity.hvp import HessianProduct, loss_gradient
 from layerwise.sensitivity.microbatch import accumulate_micro_batches
-from layerwise.sensitivity.per_example import per_example_gradients
 from layerwise.sensitivity.report import EstimateCost, GroupEstimate, SensitivityReport
+from layerwise.sensitivity.vmap_fallback import per_example_failure, warn_once
 
-__all__ = ["PerExampleFallbackWarning", "Plan", "Run"]
+__all__ = ["Plan", "Run"]
 
 Params = dict[str, torch.Tensor]
-#: The (model class, cause) pairs already warned about in this process.
-_WARNED: set[tuple[str, str]] = set()
-
-
-class PerExampleFallbackWarning(UserWarning):
-    """Per-example statistics could not be had (``vmap``); micro-batches were used."""
-
-
-def _warn_once(model: torch.nn.Module, cause: str, message: str) -> None:
-    key = (type(model).__name__, cause)
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, PerExampleFallbackWarning, stacklevel=5)
 
 
 @dataclass(frozen=True)
@@ -201,36 +181,12 @@ class Run:
         try:
             return example_norms(self.loss, batch, size, self.plan.example_chunk_size)
         except Exception as exc:
-            cause = vmap_cause(exc)
-            if cause is None:
-                raise
-            module = self._module_at_fault(batch, size)
-            where = f"in module {module}" if module else "in the model or loss_fn"
-            if not self.plan.variance_auto:
-                raise PerExampleGradientError(
-                    f"variance='per_example': per-example gradients (vmap of grad) fail {where}: "
-                    f"{cause}, which vmap cannot batch. Use variance='micro_batch' (or 'auto', "
-                    "which falls back to it by itself), or make that code free of .item() and "
-                    "data-dependent branches"
-                ) from exc
+            self.variance_fallback = per_example_failure(
+                exc, self.loss, self.loss.values, self.loss.model, batch, size,
+                auto=self.plan.variance_auto, micro_batches=self.plan.micro_batches,
+            )  # fmt: skip
             self.method = "micro_batch"
-            self.variance_fallback = f"per-example gradients (vmap) fail {where}: {cause}"
-            _warn_once(
-                self.loss.model,
-                cause,
-                f"variance='auto': {self.variance_fallback}; using micro-batch statistics "
-                f"(micro_batches={self.plan.micro_batches}) instead. Pass "
-                "variance='micro_batch' to choose them and silence this warning.",
-            )
             return None
-
-    def _module_at_fault(self, batch: Any, size: int) -> str | None:
-        """The module running when per-example gradients of two examples fail."""
-        k = min(2, size)
-        part = slice_batch(batch, size, 0, k)
-        return module_raising(
-            self.loss.model, lambda: per_example_gradients(self.loss, self.loss.values, part, k)
-        )
 
     def _traces(self, batch: Any, size: int, rng: RngReplay) -> Params:
         plan, index, values = self.plan, self.plan.index, self.loss.values
@@ -282,7 +238,7 @@ class Run:
             # the batch function's products need no vmap over examples (module docstring)
             self.ggn.per_example = False
             self.ggn_fallback = f"per-example products (vmap) fail: {cause}; batch function used"
-            _warn_once(self.loss.model, f"ggn: {cause}", f"ggn_trace: {self.ggn_fallback}")
+            warn_once(self.loss.model, f"ggn: {cause}", f"ggn_trace: {self.ggn_fallback}", 4)
             self.gen.set_state(state)  # the same label noise as the failed attempt drew
             mean, stderr, passes = self.ggn.batch(
                 self.loss.values, batch, size, samples=samples, generator=self.gen, exact=exact

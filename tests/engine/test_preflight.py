@@ -19,8 +19,7 @@ from torch import nn
 
 from layerwise.engine import LayerwiseOptimizer, PreflightError
 from layerwise.policies import SensitivityController
-from layerwise.sensitivity import NotMeasurableError, PerExampleFallbackWarning
-from layerwise.sensitivity import runner as runner_module
+from layerwise.sensitivity import NotMeasurableError, PerExampleFallbackWarning, vmap_fallback
 
 from .helpers import assert_identical, data, loss_fn, mlp, named_groups, params_of
 
@@ -147,7 +146,7 @@ def test_batches_from_an_iterable_are_peeked_without_counting_or_drawing_randomn
 
 def test_a_vmap_fallback_is_chosen_at_step_0_and_kept(monkeypatch):
     transformers = pytest.importorskip("transformers")
-    monkeypatch.setattr(runner_module, "_WARNED", set())
+    monkeypatch.setattr(vmap_fallback, "_WARNED", set())
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,

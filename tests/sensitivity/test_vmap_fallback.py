@@ -20,13 +20,13 @@ from torch.nn import functional as F
 from layerwise.sensitivity import (
     CrossEntropy,
     NotMeasurableError,
+    PerExampleFallbackWarning,
     PerExampleGradientError,
     default_groups,
     estimate,
     model_output_loss,
+    vmap_fallback,
 )
-from layerwise.sensitivity import runner as runner_module
-from layerwise.sensitivity.runner import PerExampleFallbackWarning
 
 from .test_attention_double_backward import _bert, hf_batch
 
@@ -58,7 +58,7 @@ def ce(model, batch):
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(runner_module, "_WARNED", set())
+    monkeypatch.setattr(vmap_fallback, "_WARNED", set())
 
 
 def test_auto_falls_back_to_micro_batches_records_why_and_warns_once():
