@@ -4,7 +4,9 @@ generalised Gauss-Newton traces.
 This package imports nothing else of the project. It takes a model, a loss function
 ``loss_fn(model, batch) -> mean loss`` (or a loss object, :class:`CrossEntropy` or
 :class:`MeanSquaredError`, which is one and also splits outputs from loss, as the GGN
-needs), batches, and a plain mapping ``{group name: [parameter names]}``.
+needs; :func:`model_output_loss` for a model that returns its own loss), batches (tuples,
+dicts, ``BatchEncoding``, dataclasses, nested), and a plain mapping
+``{group name: [parameter names]}``.
 """
 
 from layerwise.sensitivity.errors import (
