@@ -42,7 +42,9 @@ def _sdp_flags() -> tuple[bool, ...]:
 
 
 @pytest.mark.parametrize(
-    "make, hvp_mode", [(sdpa_attention, "vjp"), (tied_lm, "vjp"), (tied_lm, "jvp")], ids=str
+    "make, hvp_mode",
+    [(sdpa_attention, "vjp"), (tied_lm, "vjp"), (tied_lm, "jvp")],
+    ids=["sdpa_attention-vjp", "tied_lm-vjp", "tied_lm-jvp"],
 )  # (F.mse_loss, sdpa_attention's loss, has a PyTorch bug under jvp: pytorch#123996)
 def test_hutchinson_traces_of_an_sdpa_model_equal_the_dense_reference(make, hvp_mode):
     case = make()
