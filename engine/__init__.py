@@ -14,7 +14,12 @@ in memory), :mod:`~layerwise.engine.callbacks` (callbacks, TensorBoard writers),
 :mod:`~layerwise.engine.batches` (estimation batches from an iterable),
 :mod:`~layerwise.engine.preflight` (can the model be estimated: at construction and on the
 first batch),
-:mod:`~layerwise.engine.naming` (group and parameter names).
+:mod:`~layerwise.engine.naming` (group and parameter names),
+:mod:`~layerwise.engine.trainer_support` (what the trainer callbacks share).
+
+Trainer callbacks, imported on their own so that ``import layerwise.engine`` loads neither
+``lightning`` nor ``transformers``: :class:`layerwise.engine.lightning.LayerwiseCallback` and
+:class:`layerwise.engine.huggingface.LayerwiseCallback`.
 
 Per-group schedules and factors are :class:`layerwise.policies.LayerwiseLR`, a torch
 scheduler that composes with the engine; the history file is

@@ -195,6 +195,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._backups: dict[int, torch.Tensor] = {}
         self._preflight_pending = preflight and self._recalibrator is not None
+        self._peek = True  # the first batch may be peeked from batches=
 
     # -- delegation -------------------------------------------------------------------
     @property
@@ -313,8 +314,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """The dry run on the first batch seen (:mod:`layerwise.engine.preflight`), before
         the base step; deferred while there is none (no ``batch``, no ``batches=``)."""
         assert self._recalibrator is not None
-        if batch is None and self._source is not None:
-            batch = self._source.peek()
+        if batch is None and self._source is not None and self._peek:
+            try:
+                batch = self._source.peek()
+            except Exception:  # not yet (a trainer's current batch): wait for step(batch)
+                self._peek = False
         if batch is None:
             return
         self._preflight_pending = False

@@ -25,8 +25,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRAS = ("matplotlib", "rich", "sklearn", "mnist1d", "pyarrow")
-#: The other extras' packages: trainer integrations, the Ray backend, the model zoo.
-OTHER_EXTRAS = ("lightning", "transformers", "accelerate", "ray", "timm", "torchvision")
+#: The other extras' packages: trainer integrations (imported by layerwise.engine.lightning and
+#: layerwise.engine.huggingface only), the Ray backend, the model zoo.
+OTHER_EXTRAS = (
+    "lightning", "pytorch_lightning", "transformers", "accelerate", "ray", "timm", "torchvision",
+)  # fmt: skip
 
 USER_MODULE = textwrap.dedent(
     """
@@ -147,6 +150,39 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
     assert report.stderr == (
         "layerwise report: error: matplotlib is not installed (extra 'experiments'): "
         "pip install 'layerwise-lr[experiments]'\n"
+    )
+
+
+#: Imports a trainer integration with its package made unimportable.
+BLOCKED_IMPORT = textwrap.dedent(
+    """
+    import importlib, sys
+    class Block:
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == sys.argv[1]:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, Block())
+    try:
+        importlib.import_module(sys.argv[2])
+    except ImportError as err:
+        print(type(err).__name__, err, sep=": ")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("blocked", "module", "extra"),
+    [
+        ("lightning", "layerwise.engine.lightning", "lightning"),
+        ("transformers", "layerwise.engine.huggingface", "huggingface"),
+    ],
+)
+def test_a_missing_trainer_extra_is_one_line_naming_it(blocked, module, extra):
+    out = _run([sys.executable, "-c", BLOCKED_IMPORT, blocked, module], ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (
+        f"MissingExtraError: {blocked} is not installed (extra {extra!r}): "
+        f"pip install 'layerwise-lr[{extra}]'\n"
     )
 
 
