@@ -176,3 +176,25 @@ def test_a_vmap_fallback_is_chosen_at_step_0_and_kept(monkeypatch):
         opt.step(batch)  # step 2: a recalibration, micro-batches from the start
     assert opt.history["step"].max() == 2
     assert set(opt.history["grad_variance"].map(math.isfinite)) == {True}
+
+
+def test_a_source_with_no_batch_yet_defers_the_check_to_the_first_step_batch():
+    class Later:  # a trainer's current batch, set by its hooks later
+        batch = None
+
+        def __iter__(self):
+            if self.batch is None:
+                raise ValueError("no batch yet")
+            while True:
+                yield self.batch
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Fused(), nn.Tanh(), nn.Linear(6, 3))
+    opt = _engine(net, recalibrate_every=100, batches=Later())
+    opt.zero_grad()
+    batch = data(1)[0]
+    loss_fn(net, batch).backward()
+    opt.step()  # nothing to check yet: the step is taken
+    assert opt.steps == 1
+    with pytest.raises(PreflightError, match=r"0 \(Fused\)"):
+        _step(opt, net, batch)
