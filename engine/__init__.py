@@ -12,6 +12,8 @@ from its components' state dicts), :mod:`~layerwise.engine.base_state` (does a c
 the wrapped optimizer), :mod:`~layerwise.engine.history` (the recalibration log
 in memory), :mod:`~layerwise.engine.callbacks` (callbacks, TensorBoard writers),
 :mod:`~layerwise.engine.batches` (estimation batches from an iterable),
+:mod:`~layerwise.engine.preflight` (can the model be estimated: at construction and on the
+first batch),
 :mod:`~layerwise.engine.naming` (group and parameter names),
 :mod:`~layerwise.engine.trainer_support` (what the trainer callbacks share). Wrappers of
 the base optimizer that change how its step is taken, under the engine or alone:
@@ -35,6 +37,7 @@ from layerwise.engine.nonfinite import NonFiniteGradientError
 from layerwise.engine.normalized import NormalizedGradients
 from layerwise.engine.optimizer import LayerwiseOptimizer
 from layerwise.engine.options import DEFAULT_PROBES, required_quantities
+from layerwise.engine.preflight import PreflightError
 from layerwise.engine.recalibration import Recalibration
 from layerwise.engine.sam import SAM
 from layerwise.engine.wrapping import OptimizerWrapper
@@ -49,6 +52,7 @@ __all__: list[str] = [
     "NonFiniteGradientError",
     "NormalizedGradients",
     "OptimizerWrapper",
+    "PreflightError",
     "Recalibration",
     "ScalarLogger",
     "apply_multipliers",

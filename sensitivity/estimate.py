@@ -90,7 +90,11 @@ def estimate(
       ``"two_batch"`` (McCandlish et al. on the same pieces), or ``"auto"``:
       micro-batches when a BatchNorm layer is in training mode (examples interact,
       per-example gradients are undefined; each batch then needs >= 2 x
-      ``micro_batches`` examples), else per-example;
+      ``micro_batches`` examples), else per-example, falling back to micro-batches where
+      ``vmap`` meets data-dependent code (recorded in ``variance_fallback``, warned once;
+      an explicit ``"per_example"`` raises
+      :class:`~layerwise.sensitivity.errors.PerExampleGradientError`:
+      :mod:`layerwise.sensitivity.runner`);
     * ``"hessian_trace"``: tr(H_gg) by Hutchinson's estimator with ``probes`` probes per
       batch (``distribution`` "rademacher" or "gaussian", drawn ``chunk_size`` at a time
       from ``generator``, or from a new one seeded with ``seed``), shared across groups
@@ -133,6 +137,11 @@ def estimate(
     reason for a fallback in ``report.settings["hvp_fallback"]``. Pass ``"jvp"`` to bound
     memory when the graph of a backward pass is large, ``"vjp"`` to always share the
     passes.
+
+    Attention: every pass differentiated twice or batched with ``vmap`` runs
+    ``scaled_dot_product_attention`` on the math backend and without
+    ``nn.MultiheadAttention``'s fast path, the caller's settings restored afterwards
+    (:mod:`layerwise.sensitivity.attention`; ``report.settings["attention_backend"]``).
 
     Randomness: every evaluation on one batch (the gradient and each Hessian product)
     replays the same global RNG state, so dropout masks agree between them and between
@@ -222,6 +231,7 @@ def estimate(
         batch_statistics=batch_statistics,
         ggn=options.ggn if target is not None else None,
         ggn_samples=options.ggn_samples,
+        variance_auto=options.variance == "auto",
     )
     if plan.noise and plan.method == "per_example" and batch_statistics:
         raise ValueError(

@@ -30,6 +30,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from layerwise.sensitivity.losses import OutputLoss
+
 if TYPE_CHECKING:
     from layerwise.sensitivity.structure import ModelStructure
 
@@ -51,8 +53,11 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.scale: tuple[int, Any] | None = None  # (B, M) of the batch slices come from
 
     def forward(self, batch: Any) -> torch.Tensor:
+        if self.scale is not None:
+            return self.loss_fn.share(self.model, batch, *self.scale)
         return self.loss_fn(self.model, batch)
 
 
@@ -156,6 +161,26 @@ class FunctionalLoss:
         if loss.requires_grad:  # metadata only: no computation, no host sync
             self.reached = True
         return loss
+
+    @contextlib.contextmanager
+    def slices_of(self, batch: Any, size: int) -> Iterator[None]:
+        """Inside, evaluations of slices of ``batch`` (``size`` examples) are on the batch's
+        scale when ``loss_fn`` is a loss object (:meth:`~layerwise.sensitivity.losses.
+        OutputLoss.share`): a per-example gradient is B × the example's share of the
+        batch's gradient, a micro-batch's (B / b) × its share, whatever the number of
+        counted tokens of each. A plain ``loss_fn`` is evaluated on the slice as it is."""
+        loss_fn = self._module.loss_fn
+        if not isinstance(loss_fn, OutputLoss):
+            yield
+            return
+        targets = loss_fn.target(batch)
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"target(batch) must return a tensor, got {type(targets).__name__}")
+        self._module.scale = (size, loss_fn.normaliser(targets))
+        try:
+            yield
+        finally:
+            self._module.scale = None
 
     def restricted(self, names: Sequence[str]) -> Callable[[dict[str, torch.Tensor], Any], Any]:
         """The loss as a function of ``names`` only, the other parameters held at their

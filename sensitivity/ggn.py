@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from layerwise.sensitivity.attention import twice_differentiable_attention
 from layerwise.sensitivity.label_sampling import SAMPLERS, draw_noise, sampled_cotangents
 from layerwise.sensitivity.losses import OutputLoss
 from layerwise.sensitivity.output_vjp import OutputVJP
@@ -173,7 +174,21 @@ class GGNEstimator:
         exact: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(tr(G_gg) per group, its standard error, backward passes) for one batch of
-        ``size`` examples: the mean of ``samples`` sampled terms, or exact (stderr 0)."""
+        ``size`` examples: the mean of ``samples`` sampled terms, or exact (stderr 0).
+        Attention runs on the math backend (:mod:`layerwise.sensitivity.attention`): the
+        products are batched with ``vmap``."""
+        with twice_differentiable_attention():
+            return self._batch(values, batch, size, samples, generator, exact)
+
+    def _batch(
+        self,
+        values: Params,
+        batch: Any,
+        size: int,
+        samples: int,
+        generator: torch.Generator | None,
+        exact: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         targets = self._targets(batch, size)
         count = self.loss.normaliser(targets)
         if exact:
