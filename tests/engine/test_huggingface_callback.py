@@ -160,13 +160,11 @@ def _tiny(kind: str):
         config = transformers.BertConfig(
             vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=32, max_position_embeddings=16, num_labels=3,
-            attn_implementation="eager",
         )  # fmt: skip
         model = transformers.BertForSequenceClassification(config)
     else:
         config = transformers.GPT2Config(
             vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16,
-            attn_implementation="eager",
         )  # fmt: skip
         model = transformers.GPT2LMHeadModel(config)
     g = torch.Generator().manual_seed(0)
