@@ -225,7 +225,7 @@ def test_bundled_configs_parse():
     from layerwise.experiments.config import load_config
     from layerwise.experiments.plan import final_specs, lr_grid, tuning_specs
 
-    for name in ("quickstart", "full", "tiny"):
+    for name in ("quickstart", "full", "tiny", "findings"):
         config = load_config(resolve_config_path(name))
         assert "uniform" in config.policies and tuning_specs(config)
     full = load_config(resolve_config_path("full"))

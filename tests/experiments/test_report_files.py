@@ -255,3 +255,21 @@ def test_unfinished_runs_are_refused_or_listed_with_allow_incomplete(folder, tmp
         "- runs/final__toy__better__default__s4/done.json: missing (the run did not finish)"
     ) in report
     json.loads((copy / "ablation.json").read_text())
+
+
+def test_findings_page(folder, tmp_path, capsys):
+    from layerwise.experiments.findings import main as findings
+
+    page = tmp_path / "docs" / "findings.md"
+    assert findings([str(folder), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "significantly helped, 0 significantly hurt" in text
+    helped = text.split("**Helped**")[1].split("**Hurt**")[0]
+    assert "- better on toy: Δ +5.08 pp" in helped and "MDE 0.18 pp" in helped
+    same = text.split("**Indistinguishable**")[1]
+    assert "- same on toy: Δ -0.20 pp" in same
+    assert "**Tuning not bracketed** for toy/default/better" in text
+    assert (tmp_path / "docs" / "findings" / "summary.png").read_bytes().startswith(PNG)
+    assert "![summary](findings/summary.png)" in text
+    assert findings([str(tmp_path / "nowhere"), "--out", str(page)]) == 1
+    assert capsys.readouterr().err.startswith("findings: error: ")

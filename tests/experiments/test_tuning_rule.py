@@ -177,3 +177,41 @@ def test_planned_runs_follow_the_extended_grid():
     assert "tune__toy__uniform__default__lr0.1__s1001" in ids
     assert len(tuning_specs(config, grids)) == 6
     assert len(planned_run_ids(config)) == 4 + 2
+
+
+def test_ablation_extends_reports_and_resumes(tmp_path):
+    """Through the runner: a too-low grid extends up, the extension run is planned (the report
+    accepts it), and a second ablate replays the decisions without running anything."""
+    import json
+
+    from layerwise.experiments.results import load_results
+    from layerwise.experiments.runner import ablate
+
+    raw = {
+        "seeds": [0, 1],
+        "tasks": [
+            {
+                "name": "digits_mlp",
+                "label": "toy",
+                "steps": 20,
+                "batch_size": 32,
+                "eval_every": 10,
+                "lr_grid": [1e-5, 3e-5],
+            }
+        ],
+        "policies": ["uniform"],
+        "tuning": {"seeds": [100], "max_extensions": 1},
+        "monitor": {"probes": 0},
+    }
+    config = parse_config(raw)
+    out = tmp_path / "out"
+    first = ablate(config, out, progress=False, report=False)
+    cell = json.loads((out / "tuning.json").read_text())["cells"]["toy/default/uniform"]
+    assert cell["grid"] == [1e-5, 3e-5, 9e-5] and cell["extensions"][0]["side"] == "up"
+    assert cell["bracketed"] is False, "still rising at the cap: reported, not hidden"
+    assert (out / "runs" / "tune__toy__uniform__default__lr9e-05__s100").is_dir()
+    assert first.ran == first.total == 3 + 2
+    results = load_results(out)  # strict: every run folder is a planned one
+    assert len(results.runs) == 5 and not results.problems
+    again = ablate(config, out, progress=False, report=False)
+    assert again.ran == 0 and again.skipped == 5

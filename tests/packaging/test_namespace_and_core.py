@@ -97,7 +97,7 @@ def test_bundled_configs_are_ours_from_any_folder(user_folder):
     assert unknown.returncode == 2, unknown.stderr
     assert unknown.stderr == (
         "layerwise ablate: error: config 'nosuch' is neither a file nor a bundled config "
-        "(full, quickstart, tiny)\n"
+        "(findings, full, quickstart, tiny)\n"
     )
     code = (
         "from layerwise.experiments.commands.ablate import resolve_config_path\n"
