@@ -145,7 +145,27 @@ def power_section(family: pd.DataFrame, alpha: float = 0.05) -> list[str]:
         *markdown_table(header, rows),
         "",
     ]
+    warnings += _floor_note(family, alpha)
     return lines + warnings + ([""] if warnings else [])
+
+
+def _floor_note(family: pd.DataFrame, alpha: float) -> list[str]:
+    """A line when the exact sign-flip tests cannot reach significance after Holm: their
+    smallest p-value ``2 / 2**n`` times the family size ``m`` is above ``alpha``."""
+    tested = family[family["p"].apply(lambda v: isinstance(v, float) and not math.isnan(v))]
+    flips = tested[tested["test"] == "sign-flip"]
+    if flips.empty:
+        return []
+    m, n = len(tested), int(flips["n"].max())
+    if 2.0 / 2**n * m <= alpha:
+        return []
+    need = math.ceil(math.log2(2 * m / alpha))
+    return [
+        f"- **Steps to target cannot be significant here:** the exact sign-flip test's "
+        f"smallest p-value with {n} seeds, 2/2^{n}, times the {m} tests of the Holm family "
+        f"exceeds α = {alpha:g}, whatever the effect; it needs at least {need} seeds. Read "
+        "its Δ and interval as estimates."
+    ]
 
 
 def cost_section(family: pd.DataFrame) -> list[str]:

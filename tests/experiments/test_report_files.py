@@ -186,6 +186,9 @@ def test_report_says_who_helped(folder):
     assert row in report
     for section in ("## Paired comparisons", "## Power, resolution and seeds"):
         assert section in report
+    # 2/2**5 x 6 tests > 0.05: the steps rows cannot reject after Holm, and the report says so
+    assert "smallest p-value with 5 seeds, 2/2^5, times the 6 tests" in report
+    assert "it needs at least 8 seeds" in report
 
 
 def test_comparisons_csv(folder):
