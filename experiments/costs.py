@@ -13,7 +13,7 @@ controller used. :meth:`CostCounter.summary` gives, for a run of ``steps`` optim
   and its R-operator); each Gauss-Newton backward pass counts as one;
 * ``estimation_batches``, ``estimation_hvps``, ``estimation_ggn_passes``: the raw counts,
   so that another weighting can be recomputed;
-* ``estimation_seconds``: the estimator's own wall-clock seconds (part of ``train_time``,
+* ``estimation_time``: the estimator's own wall-clock seconds (part of ``train_time``,
   which excludes evaluation and monitoring).
 
 Evaluation and the sensitivity monitor are not a policy's cost and are not counted here.
@@ -66,5 +66,5 @@ class CostCounter:
             "estimation_batches": self.batches,
             "estimation_hvps": self.hvps,
             "estimation_ggn_passes": self.ggn_passes,
-            "estimation_seconds": self.seconds,
+            "estimation_time": self.seconds,
         }

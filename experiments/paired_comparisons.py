@@ -110,7 +110,7 @@ def _column(runs: pd.DataFrame, name: str) -> pd.Series:
 def _cost(runs: pd.DataFrame) -> dict[str, float]:
     """Mean cost per run of one policy (module docstring)."""
     train, est = _column(runs, "passes_train"), _column(runs, "passes_estimation")
-    seconds, est_s = _column(runs, "train_time"), _column(runs, "estimation_seconds")
+    seconds, est_s = _column(runs, "train_time"), _column(runs, "estimation_time")
     passes = float((train + est).mean())
     with np.errstate(invalid="ignore", divide="ignore"):
         return {

@@ -120,7 +120,7 @@ def _runs(policy, metrics, losses, steps, passes=500, est=0):
             "passes_train": 500,
             "passes_estimation": est,
             "train_time": 10.0,
-            "estimation_seconds": 2.0 if est else 0.0,
+            "estimation_time": 2.0 if est else 0.0,
         }
         for s, (m, v, t) in enumerate(zip(metrics, losses, steps, strict=True))
     ]
