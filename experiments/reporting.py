@@ -382,8 +382,9 @@ def write_report(out: str | Path, figures: bool = True, allow_incomplete: bool =
 
 
 def text_summary(out: str | Path, allow_incomplete: bool = False) -> str:
-    """A plain-text table of every policy against uniform (for the terminal); a last line
-    counts the missing or unreadable runs when ``allow_incomplete`` let them pass."""
+    """A plain-text table of every policy against uniform (for the terminal); last lines
+    count the missing or unreadable runs when ``allow_incomplete`` let them pass, and name
+    the tuning cells whose chosen rate is at an edge of its grid."""
     results = load_results(Path(out), allow_incomplete=allow_incomplete)
     table = summarise(results.finals, results.policy_order, family=family(results))
     incomplete = (
@@ -391,6 +392,9 @@ def text_summary(out: str | Path, allow_incomplete: bool = False) -> str:
         if results.problems
         else []
     )
+    loose = unbracketed(results)
+    if loose:
+        incomplete.append(f"tuning not bracketed (best rate at a grid edge): {', '.join(loose)}")
     if table.empty:
         return "\n".join(["no finished final runs", *incomplete])
     header = (

@@ -150,6 +150,7 @@ def test_report_and_figures_are_written(folder, capsys):
     assert main(["report", str(folder)]) == 0
     printed = capsys.readouterr().out
     assert "report:" in printed and "better" in printed
+    assert "tuning not bracketed (best rate at a grid edge): toy/default/better" in printed
     report = (folder / "report.md").read_text()
     for section in (
         "# Ablation report: toy study",
