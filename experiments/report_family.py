@@ -16,7 +16,11 @@ import pandas as pd
 __all__ = ["cost_section", "family_table", "markdown_table", "power_section", "verdict_lines"]
 
 _UNITS = {"final_metric": "pp", "final_loss": "", "steps_to_target": "steps"}
-_NAMES = {"final_metric": "test metric", "final_loss": "test loss", "steps_to_target": "steps"}
+_NAMES = {
+    "final_metric": "test metric",
+    "final_loss": "test loss",
+    "steps_to_target": "steps to target",
+}
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
