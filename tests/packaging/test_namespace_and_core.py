@@ -25,6 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRAS = ("matplotlib", "rich", "sklearn", "mnist1d", "pyarrow")
+#: The other extras' packages: trainer integrations, the Ray backend, the model zoo.
+OTHER_EXTRAS = ("lightning", "transformers", "accelerate", "ray", "timm", "torchvision")
 
 USER_MODULE = textwrap.dedent(
     """
@@ -113,7 +115,7 @@ def test_importing_the_core_loads_no_optional_package():
     code = (
         "import sys\n"
         "import layerwise.sensitivity, layerwise.policies, layerwise.engine\n"
-        f"print([m for m in {(*EXTRAS, 'pandas')!r} if m in sys.modules])\n"
+        f"print([m for m in {(*EXTRAS, *OTHER_EXTRAS, 'pandas')!r} if m in sys.modules])\n"
     )
     out = _run([sys.executable, "-c", code], ROOT)
     assert out.returncode == 0, out.stderr
@@ -190,4 +192,4 @@ def test_the_core_requirements_are_the_four(wheel):
     core = sorted(re.split(r"[<>=!~ ;\[]", r)[0].lower() for r in requires if "extra ==" not in r)
     assert core == ["numpy", "pandas", "scipy", "torch"]
     extras = {r.split("extra ==")[1].strip().strip("\"'") for r in requires if "extra ==" in r}
-    assert extras == {"experiments", "dev"}
+    assert extras == {"experiments", "lightning", "huggingface", "ray", "zoo", "dev"}
