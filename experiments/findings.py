@@ -78,6 +78,30 @@ def _verdicts(comparisons: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _by_policy(comparisons: pd.DataFrame) -> list[str]:
+    """One plain sentence per policy: where it helped, hurt, and the MDE range elsewhere."""
+    short = {"final_metric": "accuracy", "final_loss": "loss", "steps_to_target": "steps"}
+    lines = []
+    for policy, rows in comparisons.groupby("policy", sort=False):
+        parts = []
+        for verdict, word in (("better", "helped"), ("worse", "hurt")):
+            hits = rows[rows["verdict"] == verdict]
+            if not hits.empty:
+                where = ", ".join(
+                    f"{short[r.metric]} on {r.task} ({fmt(r.metric, r.delta)})"
+                    for r in hits.itertuples()
+                )
+                parts.append(f"{word}: {where}")
+        acc = rows[(rows["verdict"] == "indistinguishable") & (rows["metric"] == "final_metric")]
+        if not acc.empty:
+            where = ", ".join(
+                f"{r.task} (MDE {fmt('final_metric', r.mde, False)})" for r in acc.itertuples()
+            )
+            parts.append(f"accuracy indistinguishable on {where}")
+        lines.append(f"- **{policy}**: " + ("; ".join(parts) or "no comparison") + ".")
+    return lines
+
+
 def _setup(results: Results) -> list[str]:
     config = results.meta.get("config", {}) if isinstance(results.meta, dict) else {}
     finals = results.finals
@@ -120,6 +144,8 @@ def render_findings(results: Results, comparisons: pd.DataFrame, figures: list[s
         f"Of {len(comparisons)} comparisons (policy x task x metric), {len(helped)} "
         f"significantly helped, {len(hurt)} significantly hurt and {len(same)} were "
         "indistinguishable from the tuned uniform rate at this study's power.",
+        "",
+        *_by_policy(comparisons),
         "",
         *_setup(results),
     ]

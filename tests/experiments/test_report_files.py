@@ -268,6 +268,8 @@ def test_findings_page(folder, tmp_path, capsys):
     assert findings([str(folder), "--out", str(page)]) == 0
     text = page.read_text()
     assert "significantly helped, 0 significantly hurt" in text
+    assert "- **same**: accuracy indistinguishable on toy (MDE 1.84 pp)." in text
+    assert "- **better**: helped: accuracy on toy (+5.08 pp), loss on toy (-0.0508)" in text
     helped = text.split("**Helped**")[1].split("**Hurt**")[0]
     assert "- better on toy: Δ +5.08 pp" in helped and "MDE 0.18 pp" in helped
     same = text.split("**Indistinguishable**")[1]
