@@ -279,3 +279,17 @@ def test_findings_page(folder, tmp_path, capsys):
     assert "![summary](findings/summary.png)" in text
     assert findings([str(tmp_path / "nowhere"), "--out", str(page)]) == 1
     assert capsys.readouterr().err.startswith("findings: error: ")
+
+
+def test_findings_page_of_an_incomplete_study(folder, tmp_path):
+    import shutil
+
+    from layerwise.experiments.findings import main as findings
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "runs" / "final__toy__same__default__s4" / "done.json").unlink()
+    page = tmp_path / "findings.md"
+    assert findings([str(copy), "--out", str(page)]) == 1 and not page.exists()
+    assert findings([str(copy), "--out", str(page), "--allow-incomplete"]) == 0
+    assert "**Incomplete:** 1 planned run(s) or file(s) are missing" in page.read_text()
