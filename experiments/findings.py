@@ -26,6 +26,7 @@ from layerwise.experiments.report_family import (
     cost_section,
     family_table,
     fmt,
+    mde_text,
     power_section,
 )
 from layerwise.experiments.reporting import family, unbracketed, write_report
@@ -50,7 +51,7 @@ def _bullets(rows: pd.DataFrame, with_ci: bool = True) -> list[str]:
         ci = f" [{fmt(r.metric, r.ci_low)}, {fmt(r.metric, r.ci_high)}]" if with_ci else ""
         out.append(
             f"- {_where(r)}: Δ {fmt(r.metric, r.delta)}{ci}, Holm p = {r.p_holm:.3g}, "
-            f"n = {r.n}, MDE {fmt(r.metric, r.mde, False)}"
+            f"n = {r.n}, MDE {mde_text(r)}"
         )
     return out
 
@@ -94,9 +95,7 @@ def _by_policy(comparisons: pd.DataFrame) -> list[str]:
                 parts.append(f"{word}: {where}")
         acc = rows[(rows["verdict"] == "indistinguishable") & (rows["metric"] == "final_metric")]
         if not acc.empty:
-            where = ", ".join(
-                f"{r.task} (MDE {fmt('final_metric', r.mde, False)})" for r in acc.itertuples()
-            )
+            where = ", ".join(f"{r.task} (MDE {mde_text(r)})" for r in acc.itertuples())
             parts.append(f"accuracy indistinguishable on {where}")
         lines.append(f"- **{policy}**: " + ("; ".join(parts) or "no comparison") + ".")
     return lines

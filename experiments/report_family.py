@@ -13,7 +13,14 @@ import math
 
 import pandas as pd
 
-__all__ = ["cost_section", "family_table", "markdown_table", "power_section", "verdict_lines"]
+__all__ = [
+    "cost_section",
+    "family_table",
+    "markdown_table",
+    "mde_text",
+    "power_section",
+    "verdict_lines",
+]
 
 _UNITS = {"final_metric": "pp", "final_loss": "", "steps_to_target": "steps"}
 _NAMES = {
@@ -47,6 +54,15 @@ def fmt(metric: str, value: float, signed: bool = True) -> str:
     return f"{value:{sign}.4f}"
 
 
+def mde_text(row) -> str:
+    """The MDE of a family row; below the metric's resolution it says so: the
+    differences had no spread at the granularity the metric can show."""
+    m, mde, res = row.metric, row.mde, row.resolution
+    if isinstance(res, float) and math.isfinite(res) and math.isfinite(mde) and mde < res:
+        return f"below the resolution, {fmt(m, res, False)}"
+    return fmt(m, mde, False)
+
+
 def _where(row) -> str:
     return row.task + ("" if row.setting == "default" else f" ({row.setting})")
 
@@ -64,7 +80,7 @@ def verdict_lines(family: pd.DataFrame) -> list[str]:
             what = {"better": "**helped**", "worse": "**hurt**"}.get(r.verdict, r.verdict)
             parts.append(
                 f"{_NAMES[m]} {what}: Δ {fmt(m, r.delta)} [{fmt(m, r.ci_low)}, "
-                f"{fmt(m, r.ci_high)}], Holm p = {r.p_holm:.3g}, MDE {fmt(m, r.mde, False)}"
+                f"{fmt(m, r.ci_high)}], Holm p = {r.p_holm:.3g}, MDE {mde_text(r)}"
             )
         first = rows.iloc[0]
         head = f"- **{policy}** on {_where(first)} (n = {first['n']}): "
@@ -93,7 +109,7 @@ def family_table(family: pd.DataFrame) -> list[str]:
                 r.test or "–",
                 "–" if math.isnan(r.p) else f"{r.p:.3g}",
                 "–" if math.isnan(r.p_holm) else f"{r.p_holm:.3g}",
-                fmt(m, r.mde, False),
+                mde_text(r),
                 "**yes**" if r.significant else "no",
             ]
         )

@@ -172,3 +172,15 @@ def test_family_resolution_warning_and_seeded_ci():
     row = first.set_index("metric").loc["final_metric"]
     assert row["resolution"] == 0.01 and row["resolution_warning"]
     assert row["delta"] == pytest.approx(0.00333333, abs=1e-6)
+
+
+def test_mde_below_the_resolution_says_so():
+    from types import SimpleNamespace
+
+    from layerwise.experiments.report_family import mde_text
+
+    row = SimpleNamespace(metric="final_metric", mde=0.0, resolution=1 / 360)
+    assert mde_text(row) == "below the resolution, 0.28 pp"
+    row = SimpleNamespace(metric="final_metric", mde=0.02, resolution=1 / 360)
+    assert mde_text(row) == "2.00 pp"
+    assert mde_text(SimpleNamespace(metric="final_loss", mde=0.1, resolution=math.nan)) == "0.1000"
