@@ -15,7 +15,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format clean-venv
+.PHONY: demo findings test test-fast lint format clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/layerwise ablate quickstart --out runs/quickstart --workers 2
+
+# The project's current findings: the `findings` ablation (about 35 minutes on two
+# cores; resumable: run it again after an interruption), then docs/findings.md and its
+# figures under docs/findings/.
+findings: $(STAMP)
+	$(VENV)/bin/layerwise ablate findings --out runs/findings --workers 2
+	$(PY) -m layerwise.experiments.findings runs/findings --out docs/findings.md
 
 # The whole check CI runs: lint, format check, then every test (the doctests of every
 # library module included, tests/test_doctests.py). Property tests run derandomized when

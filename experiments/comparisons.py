@@ -24,7 +24,7 @@ import pandas as pd
 
 from layerwise.experiments.statistics import bootstrap_ci, compare, holm
 
-__all__ = ["BASELINE", "summarise", "verdict_lines"]
+__all__ = ["BASELINE", "summarise"]
 
 BASELINE = "uniform"
 
@@ -39,8 +39,12 @@ def summarise(
     policy_order: list[str] | None = None,
     confidence: float = 0.95,
     alpha: float = 0.05,
+    family: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """The comparison table (module docstring) of the final runs ``finals``."""
+    """The comparison table (module docstring) of the final runs ``finals``. With
+    ``family`` (:func:`layerwise.experiments.paired_comparisons.paired_comparisons`), the
+    Holm p-value and the verdict of each policy are those of its ``final_metric`` row:
+    adjusted over the whole family rather than over the policies of one task."""
     if finals is None or finals.empty:
         return pd.DataFrame()
     rows = []
@@ -106,42 +110,20 @@ def summarise(
             else:
                 row["verdict"] = "no significant difference"
         rows.extend(cell_rows)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if family is not None and not family.empty and not table.empty:
+        _from_family(table, family)
+    return table
 
 
-def _pp(value: float) -> str:
-    return f"{100 * value:+.2f} pp"
-
-
-def verdict_lines(table: pd.DataFrame, alpha: float = 0.05) -> list[str]:
-    """One Markdown bullet per (task, setting, policy) saying what the policy did."""
-    lines = []
-    if table.empty:
-        return lines
-    for _, row in table[table["policy"] != BASELINE].iterrows():
-        where = row["task"] + ("" if row["setting"] == "default" else f" ({row['setting']})")
-        if row["verdict"] == "not tested":
-            lines.append(
-                f"- **{row['policy']}** on {where}: too few runs to test "
-                f"(mean {100 * row['test_mean']:.2f}%)."
-            )
+def _from_family(table: pd.DataFrame, family: pd.DataFrame) -> None:
+    """Take ``p_holm`` and ``verdict`` from the family's ``final_metric`` rows."""
+    rows = family[family["metric"] == "final_metric"].set_index(["task", "setting", "policy"])
+    for i, r in table.iterrows():
+        key = (r["task"], r["setting"], r["policy"])
+        if r["policy"] == BASELINE or key not in rows.index:
             continue
-        name = "d_z" if row["test"] == "paired" else "g"
-        effect = (
-            f"{name} = {row['effect']:.2f}"
-            if math.isfinite(row["effect"])
-            else f"{name} undefined (no spread)"
-        )
-        detail = (
-            f"{_pp(row['delta'])} test {row['metric']} vs uniform (95% CI {_pp(row['delta_low'])}"
-            f" to {_pp(row['delta_high'])}; {row['test']} t-test p = {row['p']:.3g}, Holm "
-            f"p = {row['p_holm']:.3g}; {effect}, n = {row['n']})"
-        )
-        if row["verdict"] == "better":
-            head = f"**helped**, significantly at {alpha:g} after Holm"
-        elif row["verdict"] == "worse":
-            head = f"**hurt**, significantly at {alpha:g} after Holm"
-        else:
-            head = "no significant difference"
-        lines.append(f"- **{row['policy']}** on {where}: {head}: {detail}.")
-    return lines
+        p_holm, verdict = rows.loc[key, "p_holm"], rows.loc[key, "verdict"]
+        table.at[i, "p_holm"] = p_holm
+        plain = "no significant difference" if verdict == "indistinguishable" else verdict
+        table.at[i, "verdict"] = plain

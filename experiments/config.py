@@ -18,9 +18,12 @@ Schema (every key but ``tasks``, ``policies`` and ``seeds`` is optional)::
     [policies.layer_decay]              # a preset with keys overridden, or a new policy
     decay = 0.6                         # (kind = ..., see experiments.policy_specs)
 
-    [tuning]
-    seeds = [1000]                      # tuning seeds, disjoint from the final seeds
+    [tuning]                            # see experiments.tuning for the rule
+    seeds = [1000, 1001]                # tuning seeds, disjoint from the final seeds
     steps = 500                         # tuning budget (default: the task's steps)
+    max_extensions = 3                  # rates a grid may grow by to bracket its best
+    extend_factor = 3.0                 # default: the grid's own ratio at that edge
+    collapse_drop = 0.25                # final < best - 0.25 |best|: a failed rate
 
     [schedule]                          # the base schedule (policies.schedules.from_spec);
     name = "cosine"                     # the string "budget" stands for the run's steps
@@ -49,7 +52,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,7 @@ from layerwise.experiments.config_sections import (
     substitute_budget,
 )
 from layerwise.experiments.errors import UsageError
+from layerwise.experiments.tuning import TuningRule
 
 __all__ = [
     "AblationConfig",
@@ -115,6 +119,7 @@ class AblationConfig:
     raw: dict[str, Any]
     hash: str
     description: str = ""
+    tuning: TuningRule = field(default_factory=TuningRule)
 
 
 def config_hash(raw: Mapping[str, Any]) -> str:
@@ -165,6 +170,27 @@ def _check_setting_overrides(
                 raise fail(source, f"settings.{name} on tasks[{i}] ({entry.label}): {exc}") from exc
 
 
+_TUNING_KEYS = ("seeds", "steps", "max_extensions", "extend_factor", "collapse_drop")
+
+
+def _parse_tuning(source: str, value: Any, seeds: tuple[int, ...]) -> TuningRule:
+    """The ``[tuning]`` section as a :class:`~layerwise.experiments.tuning.TuningRule`."""
+    tuning = as_table(source, "tuning", value)
+    bad = set(tuning) - set(_TUNING_KEYS)
+    if bad:
+        raise fail(
+            source, f"unknown key(s) {sorted(bad)} in [tuning]; known: {', '.join(_TUNING_KEYS)}"
+        )
+    tuning_seeds = int_list(source, "tuning.seeds", tuning.get("seeds", [1000, 1001]))
+    if set(tuning_seeds) & set(seeds):
+        raise fail(source, f"tuning.seeds {list(tuning_seeds)} overlap seeds {list(seeds)}")
+    options = {k: tuning[k] for k in _TUNING_KEYS[1:] if k in tuning}
+    try:
+        return TuningRule(seeds=tuning_seeds, **options)
+    except ValueError as exc:
+        raise fail(source, f"tuning.{exc}") from exc
+
+
 def parse_config(raw: Mapping[str, Any], source: str = "<config>") -> AblationConfig:
     """Validate the parsed TOML ``raw`` (see the module docstring) into a config."""
     if not isinstance(raw, Mapping):
@@ -182,18 +208,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<config>") -> AblationCo
     seeds = int_list(source, "seeds", raw["seeds"])
     tasks = parse_tasks(source, raw["tasks"])
     policies = parse_policies(source, raw["policies"])
-    tuning = as_table(source, "tuning", raw.get("tuning", {}))
-    bad = set(tuning) - {"seeds", "steps"}
-    if bad:
-        raise fail(source, f"unknown key(s) {sorted(bad)} in [tuning]; known: seeds, steps")
-    tuning_seeds = int_list(source, "tuning.seeds", tuning.get("seeds", [1000]))
-    if set(tuning_seeds) & set(seeds):
-        raise fail(source, f"tuning.seeds {list(tuning_seeds)} overlap seeds {list(seeds)}")
-    tuning_steps = tuning.get("steps")
-    if tuning_steps is not None and (
-        isinstance(tuning_steps, bool) or not isinstance(tuning_steps, int) or tuning_steps < 1
-    ):
-        raise fail(source, f"tuning.steps must be a positive integer, got {tuning_steps!r}")
+    tuning = _parse_tuning(source, raw.get("tuning", {}), seeds)
     schedule = as_table(source, "schedule", raw.get("schedule", {"name": "constant"}))
     check_schedule(source, "schedule", schedule)
     grouping = as_table(source, "grouping", raw.get("grouping", {"strategy": "depth"}))
@@ -221,8 +236,9 @@ def parse_config(raw: Mapping[str, Any], source: str = "<config>") -> AblationCo
         seeds=seeds,
         tasks=tasks,
         policies=policies,
-        tuning_seeds=tuning_seeds,
-        tuning_steps=tuning_steps,
+        tuning_seeds=tuning.seeds,
+        tuning_steps=tuning.steps,
+        tuning=tuning,
         schedule=schedule,
         grouping=grouping,
         monitor=monitor,

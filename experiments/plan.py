@@ -10,9 +10,10 @@ names its folder. The grid is tasks x policies x settings, then
 * final: every seed at the rate the tuning chose, with the test split evaluated once at
   the end.
 
-Tuning picks, per (task, setting, policy), the rate with the highest mean final
-validation metric over the tuning seeds; ties go to the lower mean final validation loss,
-then to the smaller rate. Every policy gets the same grid and the same tuning budget.
+Tuning (:mod:`layerwise.experiments.tuning`) ranks, per (task, setting, policy), the rates
+by the mean final validation metric over the tuning seeds, a rate that diverged or
+collapsed on any seed last, and extends a grid whose best rate sits at an edge. Every
+policy gets the same grid, the same rule and the same tuning budget.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from layerwise.experiments.config import AblationConfig, substitute_budget
 
-__all__ = ["RunSpec", "choose_lr", "final_specs", "lr_grid", "planned_run_ids", "tuning_specs"]
+__all__ = ["RunSpec", "final_specs", "lr_grid", "planned_run_ids", "tuning_specs"]
 
 
 @dataclass(frozen=True)
@@ -137,14 +138,23 @@ def _spec(config, entry, setting, overrides, policy, spec, extra, kind, seed, lr
     )
 
 
-def tuning_specs(config: AblationConfig) -> list[RunSpec]:
-    """Every tuning run (none for a cell whose grid has a single rate)."""
+def tuning_specs(
+    config: AblationConfig,
+    grids: Mapping[tuple[str, str, str], Iterable[float]] | None = None,
+    only: tuple[str, str, str] | None = None,
+) -> list[RunSpec]:
+    """Every tuning run (none for a cell whose grid has a single rate): each rate of the
+    cell's grid (``grids[key]`` when given, e.g. extended by
+    :mod:`layerwise.experiments.tuning`; else the task's) x each tuning seed."""
     out = []
     for entry, setting, overrides, policy, spec, extra in _cells(config):
+        key = (entry.label, setting, policy)
+        if only is not None and key != only:
+            continue
         grid = extra[0].recipe.lr_grid
         if len(grid) < 2:
             continue
-        for lr in grid:
+        for lr in (grids or {}).get(key, grid):
             for seed in config.tuning_seeds:
                 out.append(
                     _spec(
@@ -186,37 +196,13 @@ def final_specs(
     return out
 
 
-def planned_run_ids(config: AblationConfig) -> list[str]:
-    """The run id of every run ``config`` plans: the tuning runs, then the final runs. A
-    final run's id does not depend on the rate its tuning chooses, so the whole list is
-    known before any run has finished (``layerwise report`` checks it against the
-    results folder)."""
-    ids = [spec.run_id for spec in tuning_specs(config)]
+def planned_run_ids(
+    config: AblationConfig, grids: Mapping[tuple[str, str, str], Iterable[float]] | None = None
+) -> list[str]:
+    """The run id of every run ``config`` plans: the tuning runs (on ``grids``, the grids as
+    extended so far, from ``tuning.json``; the tasks' grids by default), then the final
+    runs. A final run's id does not depend on the rate its tuning chooses (``layerwise
+    report`` checks the list against the results folder)."""
+    ids = [spec.run_id for spec in tuning_specs(config, grids)]
     any_rate = {key: grid[0] for key, grid in lr_grid(config).items()}  # ids ignore the rate
     return ids + [spec.run_id for spec in final_specs(config, any_rate)]
-
-
-def choose_lr(results: Iterable[tuple[float, float, float]]) -> tuple[float, dict[float, dict]]:
-    """Pick a rate from ``(lr, final val metric, final val loss)`` triples (one per tuning
-    run). Returns the rate and, per rate, the mean metric and loss. Non-finite metrics
-    (diverged runs) rank last.
-
-    >>> choose_lr([(0.1, 0.8, 0.5), (0.01, 0.8, 0.4), (0.001, 0.7, 0.3)])[0]
-    0.01
-    """
-    table: dict[float, list[tuple[float, float]]] = {}
-    for lr, metric, loss in results:
-        table.setdefault(float(lr), []).append((float(metric), float(loss)))
-    if not table:
-        raise ValueError("results: no tuning results to choose from")
-    scores = {}
-    for lr, values in table.items():
-        metric = sum(m for m, _ in values) / len(values)
-        loss = sum(v for _, v in values) / len(values)
-        scores[lr] = {"val_metric": metric, "val_loss": loss, "runs": len(values)}
-
-    def key(lr: float) -> tuple[float, float, float]:
-        m, v = scores[lr]["val_metric"], scores[lr]["val_loss"]
-        return (-(m if math.isfinite(m) else -math.inf), v if math.isfinite(v) else math.inf, lr)
-
-    return min(scores, key=key), scores

@@ -21,11 +21,19 @@ from pathlib import Path
 import pandas as pd
 
 from layerwise.experiments.atomic import write_text
-from layerwise.experiments.comparisons import BASELINE, summarise, verdict_lines
+from layerwise.experiments.comparisons import BASELINE, summarise
+from layerwise.experiments.paired_comparisons import paired_comparisons, write_comparisons
 from layerwise.experiments.plots import plot_curves, plot_heatmap, plot_rates, plot_summary
+from layerwise.experiments.report_family import (
+    cost_section,
+    family_table,
+    markdown_table,
+    power_section,
+    verdict_lines,
+)
 from layerwise.experiments.results import Results, load_results
 
-__all__ = ["render_report", "text_summary", "write_report"]
+__all__ = ["family", "render_report", "text_summary", "unbracketed", "write_report"]
 
 _MAX_EVENTS = 40
 
@@ -36,9 +44,7 @@ def _fmt(value: float, digits: int = 2, scale: float = 100.0, signed: bool = Fal
     return f"{scale * value:{'+' if signed else ''}.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+_table = markdown_table
 
 
 def _steps(row) -> str:
@@ -100,19 +106,32 @@ def _figure(out: Path, path: Path | None, caption: str) -> list[str]:
     return [] if path is None else [f"![{caption}]({path.relative_to(out).as_posix()})", ""]
 
 
-def render_report(results: Results, out: Path, figures: bool = True) -> str:
-    """The Markdown text of the report; draws the figures into ``out/figures``."""
+def family(results: Results) -> pd.DataFrame:
+    """The comparison family of ``results`` (``comparisons.csv``)."""
+    return paired_comparisons(results.finals, results.task_info, results.policy_order)
+
+
+def render_report(
+    results: Results, out: Path, figures: bool = True, comparisons: pd.DataFrame | None = None
+) -> str:
+    """The Markdown text of the report; draws the figures into ``out/figures``.
+    ``comparisons``: the family (:func:`family`; computed when not given)."""
     if not isinstance(results, Results):
         raise TypeError(f"results must be a Results, got {type(results).__name__}")
     out = Path(out)
     (out / "figures").mkdir(exist_ok=True)
-    table = summarise(results.finals, results.policy_order)
+    comparisons = family(results) if comparisons is None else comparisons
+    table = summarise(results.finals, results.policy_order, family=comparisons)
     lines = _header(results, out)
     if table.empty:
         lines += ["No final run has finished yet; nothing to compare.", ""]
         return "\n".join([*lines, *_missing_section(results)]).rstrip() + "\n"
-    lines += _glance(table, out, figures)
+    lines += _glance(table, comparisons, out, figures)
     lines += _method()
+    lines += ["## Paired comparisons", "", "Also in `comparisons.csv`.", ""]
+    lines += [*family_table(comparisons), ""]
+    lines += power_section(comparisons)
+    lines += cost_section(comparisons)
     for (task, setting), cell in table.groupby(["task", "setting"], sort=False):
         lines += _task_section(results, task, setting, cell, out, figures)
     lines += _tuning_section(results)
@@ -135,6 +154,14 @@ def _header(results: Results, out: Path) -> list[str]:
         f"{versions.get('layerwise-lr', '?')}, torch {versions.get('torch', '?')}.",
         "",
     ]
+    loose = unbracketed(results)
+    if loose:
+        lines += [
+            f"**Tuning not bracketed:** the chosen rate of {', '.join(loose)} sits at an edge "
+            "of its grid even after extending it to the cap; a better rate may lie beyond "
+            "(see 'Chosen learning rates').",
+            "",
+        ]
     if results.problems:
         lines += [
             f"**Incomplete:** {len(results.problems)} missing or unreadable run(s) or file(s) "
@@ -145,30 +172,32 @@ def _header(results: Results, out: Path) -> list[str]:
     return lines
 
 
-def _glance(table: pd.DataFrame, out: Path, figures: bool) -> list[str]:
+def _glance(table: pd.DataFrame, comparisons: pd.DataFrame, out: Path, figures: bool) -> list[str]:
     """ "At a glance": the forest plot, the significant wins and losses, one line per policy."""
     lines = ["## At a glance", ""]
     if figures:
         summary = plot_summary(table, out / "figures" / "summary.png")
         lines += _figure(out, summary, "difference to uniform")
-    helped = table[table["verdict"] == "better"]
-    hurt = table[table["verdict"] == "worse"]
+    helped = comparisons[comparisons["verdict"] == "better"]
+    hurt = comparisons[comparisons["verdict"] == "worse"]
     if helped.empty:
         lines.append(
-            "**No policy beat `uniform` significantly** (paired t-test over seeds, "
-            "Holm-adjusted, α = 0.05) on any task."
+            "**No policy beat `uniform` significantly** on any task and metric (Holm-adjusted "
+            "over every comparison, α = 0.05)."
         )
     else:
         lines.append(f"**Significantly better than `uniform`:** {_listing(helped)}.")
     if not hurt.empty:
         lines.append(f"**Significantly worse than `uniform`:** {_listing(hurt)}.")
-    return [*lines, "", *verdict_lines(table), ""]
+    return [*lines, "", *verdict_lines(comparisons), ""]
 
 
 def _listing(rows: pd.DataFrame) -> str:
-    """``policy on task (+x.xx pp), ...`` for the rows of a summary table."""
+    """``policy on task (metric Δ), ...`` for rows of the comparison family."""
+    from layerwise.experiments.report_family import fmt
+
     return ", ".join(
-        f"{r.policy} on {r.task} ({_fmt(r.delta, signed=True)} pp)" for r in rows.itertuples()
+        f"{r.policy} on {r.task} ({r.metric} {fmt(r.metric, r.delta)})" for r in rows.itertuples()
     )
 
 
@@ -177,20 +206,24 @@ def _method() -> list[str]:
     return [
         "## How the runs were made",
         "",
-        "- Every policy's base learning rate was tuned on the same grid, with the same tuning "
-        "seeds and budget, by the final validation metric (ties: lower validation loss, then "
-        "the smaller rate); the chosen rates are listed below.",
+        "- Every policy's base learning rate was tuned by the same rule: the same grid, "
+        "tuning seeds and budget, rates ranked by the mean final validation metric over the "
+        "tuning seeds (a rate that diverged or collapsed late on any seed last), a best rate "
+        "at an edge of the grid extending it geometrically up to a cap; the chosen rates "
+        "and whether each is bracketed are listed below.",
         "- Final runs use seeds disjoint from the tuning seeds; a seed fixes the "
         "initialisation and the batch order, so runs with the same seed are paired. The test "
         "split is evaluated once per final run, after its last step.",
-        "- Test metric: mean and 95% percentile-bootstrap interval over seeds (exact "
-        "enumeration for up to 5 seeds). Δ: policy minus uniform, in percentage points, with "
-        "the bootstrap interval of the paired differences; paired t-test when the seeds match "
-        "(Welch otherwise); p-values Holm-adjusted over the policies of a task; effect size "
-        "d_z (paired) or Hedges' g.",
-        "- Steps to target: the first evaluation step at which validation accuracy reached "
-        "the task's target, median over seeds (reached/seeds); 'never' when most seeds "
-        "did not reach it within the budget.",
+        "- Three paired differences, policy minus uniform, per task: the final test metric "
+        "(pp), the final test loss, and the steps to the validation target, censored at "
+        "the budget when a seed never reached it. Each has a seeded percentile-bootstrap "
+        "interval (exact enumeration up to 5 seeds) and a test: the paired t-test for the "
+        "metric and the loss, the exact sign-flip permutation test for the steps (its "
+        "smallest p-value is 2/2^n); p-values are Holm-adjusted over every comparison of "
+        "the report. The sign-flip p-value of every row is in `comparisons.csv` as a check "
+        "that needs no normality.",
+        "- The task tables show the test metric with its bootstrap interval over seeds, "
+        "Δ with the interval of the paired differences, and the median steps to target.",
         "",
     ]
 
@@ -243,22 +276,63 @@ def _png(stem: Path, kind: str) -> Path:
 
 
 def _tuning_section(results: Results) -> list[str]:
-    chosen = results.tuning.get("chosen", {})
-    if not chosen:
+    """Every tuned cell: its grid (extensions marked +), the chosen rate, whether it is
+    bracketed, and the mean validation metric of every rate (✗: failed on a seed)."""
+    cells = results.tuning.get("cells", {})
+    if not cells:
         return []
+    rule = results.tuning.get("rule", {})
     rows = []
-    for key, entry in chosen.items():
+    for key, cell in cells.items():
         task, setting, policy = key.split("/")
+        added = {float(e["lr"]) for e in cell.get("extensions", [])}
+        grid = ", ".join(f"{v:g}{'+' if v in added else ''}" for v in cell.get("grid", []))
         scores = ", ".join(
-            f"{lr}: {100 * s['val_metric']:.1f}%" for lr, s in entry["scores"].items()
+            f"{lr}: {100 * s['val_metric']:.1f}%{' ✗' if s.get('failed') else ''}"
+            for lr, s in cell.get("scores", {}).items()
         )
-        rows.append([task, setting, policy, f"{entry['lr']:g}", scores])
+        chosen = cell.get("chosen_lr")
+        rows.append(
+            [
+                task,
+                setting,
+                policy,
+                grid,
+                "–" if chosen is None else f"{chosen:g}",
+                _bracket_text(cell),
+                scores,
+            ]
+        )
     return [
         "## Chosen learning rates",
         "",
-        *_table(["task", "setting", "policy", "chosen lr", "mean final val metric per lr"], rows),
+        f"Tuning seeds {rule.get('seeds', '?')}; rates ranked by the mean final validation "
+        "metric over them, a rate that diverged or collapsed late on any seed (✗) last; a best "
+        "rate at an edge of the grid extends it geometrically (+), up to "
+        f"{rule.get('max_extensions', '?')} added rates per cell.",
+        "",
+        *_table(
+            ["task", "setting", "policy", "grid", "chosen lr", "bracketed", "mean val per lr"],
+            rows,
+        ),
         "",
     ]
+
+
+def _bracket_text(cell: dict) -> str:
+    if cell.get("status") != "done":
+        return str(cell.get("status", "?"))
+    if cell.get("bracketed"):
+        return "yes"
+    grid = cell.get("grid", [])
+    edge = "top" if grid and cell.get("chosen_lr") == max(grid) else "bottom"
+    return f"**no** ({edge} edge at the cap)"
+
+
+def unbracketed(results: Results) -> list[str]:
+    """``task/setting/policy`` of every tuned cell whose chosen rate is at an edge."""
+    cells = results.tuning.get("cells", {})
+    return [k for k, c in cells.items() if c.get("status") == "done" and not c.get("bracketed")]
 
 
 def _events_section(results: Results) -> list[str]:
@@ -301,20 +375,26 @@ def write_report(out: str | Path, figures: bool = True, allow_incomplete: bool =
     Missing runs or bad files raise, unless ``allow_incomplete`` (module docstring)."""
     out = Path(out)
     results = load_results(out, allow_incomplete=allow_incomplete)
-    text = render_report(results, out, figures=figures)
+    comparisons = family(results)
+    write_comparisons(comparisons, out)
+    text = render_report(results, out, figures=figures, comparisons=comparisons)
     return write_text(out / "report.md", text)
 
 
 def text_summary(out: str | Path, allow_incomplete: bool = False) -> str:
-    """A plain-text table of every policy against uniform (for the terminal); a last line
-    counts the missing or unreadable runs when ``allow_incomplete`` let them pass."""
+    """A plain-text table of every policy against uniform (for the terminal); last lines
+    count the missing or unreadable runs when ``allow_incomplete`` let them pass, and name
+    the tuning cells whose chosen rate is at an edge of its grid."""
     results = load_results(Path(out), allow_incomplete=allow_incomplete)
-    table = summarise(results.finals, results.policy_order)
+    table = summarise(results.finals, results.policy_order, family=family(results))
     incomplete = (
         [f"incomplete: {len(results.problems)} missing or unreadable run(s) or file(s) left out"]
         if results.problems
         else []
     )
+    loose = unbracketed(results)
+    if loose:
+        incomplete.append(f"tuning not bracketed (best rate at a grid edge): {', '.join(loose)}")
     if table.empty:
         return "\n".join(["no finished final runs", *incomplete])
     header = (

@@ -16,8 +16,9 @@
 the task section of a manifest (description, budget, recipe, data sizes and hash).
 
 **Nothing is dropped silently.** The planned runs are those of the config recorded in
-``ablation.json`` (:func:`layerwise.experiments.plan.planned_run_ids`: every tuning run
-and every final run; a final run's id does not depend on the tuned rate). Each planned
+``ablation.json`` (:func:`layerwise.experiments.plan.planned_run_ids`: every tuning run,
+on the grids as extended in ``tuning.json``, and every final run; a final run's id does
+not depend on the tuned rate). Each planned
 run must be in ``runs/`` and readable (:mod:`layerwise.experiments.run_files`).
 ``Results.problems`` lists, one line each, every planned run that is missing (or failed:
 ``errors/<run id>.txt``), every run folder with a damaged or missing file (the line names
@@ -113,10 +114,14 @@ def _optional_json(out: Path, name: str, problems: _Problems) -> dict[str, Any]:
     return data
 
 
-def _planned(out: Path, meta: dict[str, Any], problems: _Problems) -> list[str] | None:
-    """The run ids the config in ``ablation.json`` plans (None, with a problem, if unknown)."""
+def _planned(
+    out: Path, meta: dict[str, Any], tuning: dict[str, Any], problems: _Problems
+) -> list[str] | None:
+    """The run ids the config in ``ablation.json`` plans, on the tuning grids as extended in
+    ``tuning.json`` (None, with a problem, if unknown)."""
     from layerwise.experiments.config import parse_config
     from layerwise.experiments.plan import planned_run_ids
+    from layerwise.experiments.tuning import extended_grids
 
     if not (out / "ablation.json").is_file():
         problems.add("ablation.json: missing, so the planned runs are unknown")
@@ -124,7 +129,8 @@ def _planned(out: Path, meta: dict[str, Any], problems: _Problems) -> list[str] 
     if not meta:
         return None  # unreadable: already a problem
     try:
-        return planned_run_ids(parse_config(meta.get("config"), source="ablation.json"))
+        config = parse_config(meta.get("config"), source="ablation.json")
+        return planned_run_ids(config, extended_grids(tuning))
     except Exception as exc:  # a user task that no longer imports, a changed schema...
         problems.add(f"ablation.json: cannot list the planned runs ({exc})")
         return None
@@ -144,7 +150,7 @@ def load_results(out: str | Path, *, allow_incomplete: bool = False) -> Results:
     problems = _Problems(out)
     meta = _optional_json(out, "ablation.json", problems)
     tuning = _optional_json(out, "tuning.json", problems)
-    planned = _planned(out, meta, problems)
+    planned = _planned(out, meta, tuning, problems)
     rows, curves, groups, events = [], [], [], []
     group_order: dict[str, list[str]] = {}
     task_info: dict[str, dict[str, Any]] = {}

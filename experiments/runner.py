@@ -32,7 +32,7 @@ from layerwise.experiments.atomic import read_json, write_json, write_text
 from layerwise.experiments.config import AblationConfig
 from layerwise.experiments.errors import UsageError
 from layerwise.experiments.manifest import is_finished, read_done, versions, write_done
-from layerwise.experiments.plan import RunSpec, choose_lr, final_specs, lr_grid, tuning_specs
+from layerwise.experiments.plan import RunSpec, final_specs, lr_grid, tuning_specs
 from layerwise.experiments.rundirs import (
     RESULTS,
     RUNS,
@@ -42,6 +42,7 @@ from layerwise.experiments.rundirs import (
     recover,
     supersede,
 )
+from layerwise.experiments.tuning import Tuner
 
 __all__ = ["AblationResult", "ablate", "run_one"]
 
@@ -198,17 +199,13 @@ def ablate(
 
 
 def _execute(config, out, runs, cache, workers, progress, result) -> None:
-    tunes = tuning_specs(config)
     grids = lr_grid(config)
-    pending: dict[tuple, list[RunSpec]] = {}
-    for spec in tunes:
-        pending.setdefault(spec.group_key, []).append(spec)
+    tuner = Tuner(grids, config.tuning)  # the tuning rule: layerwise.experiments.tuning
+    specs = {(s.group_key, s.lr, s.seed): s for s in tuning_specs(config)}
+    tunes = [specs[run] for run in tuner.start()]
     ready = [s for key, g in grids.items() if len(g) < 2 for s in final_specs(config, {}, key)]
     result.total = len(tunes) + len(config.seeds) * len(grids)
     tuning_path = out / "tuning.json"
-    tuning = {"lr_grid": {"/".join(k): list(v) for k, v in grids.items()}, "chosen": {}}
-    results: dict[tuple, list[tuple[float, float, float]]] = {k: [] for k in pending}
-    failed_cells: set[tuple] = set()
 
     executor: Any = (
         _InProcess()
@@ -246,21 +243,19 @@ def _execute(config, out, runs, cache, workers, progress, result) -> None:
                 if spec.kind != "tune":
                     continue
                 key = spec.group_key
-                if "error" in outcome:
-                    failed_cells.add(key)
-                else:
-                    results[key].append((spec.lr, outcome["val_metric"], outcome["val_loss"]))
-                pending[key].remove(spec)
-                if not pending[key] and key not in failed_cells:
-                    lr, scores = choose_lr(results[key])
-                    tuning["chosen"]["/".join(key)] = {
-                        "lr": lr,
-                        "scores": {f"{k:g}": v for k, v in sorted(scores.items())},
-                    }
-                    write_json(tuning_path, tuning)
+                more, lr = tuner.record(
+                    key, spec.lr, spec.seed, None if "error" in outcome else outcome
+                )
+                write_json(tuning_path, tuner.to_json())
+                extra = tuning_specs(config, {key: sorted({r for _, r, _ in more})}, key)
+                result.total += len(extra)
+                bar.grow(len(extra))
+                for new in extra:
+                    submit(new)
+                if lr is not None:
                     for final in final_specs(config, {key: lr}, key):
                         submit(final)
-                elif not pending[key]:
+                elif tuner.cells[key].status == "failed" and not tuner.cells[key].waiting:
                     bar.skip(len(config.seeds))
     except BaseException:
         executor.shutdown(wait=False, cancel_futures=True)
@@ -268,8 +263,8 @@ def _execute(config, out, runs, cache, workers, progress, result) -> None:
         raise
     executor.shutdown(wait=True)
     bar.close()
-    write_json(tuning_path, tuning)
-    result.chosen = tuning["chosen"]
+    write_json(tuning_path, tuner.to_json())
+    result.chosen = tuner.to_json()["cells"]
 
 
 class _Progress:
@@ -314,6 +309,12 @@ class _Progress:
                 file=sys.stderr,
                 flush=True,
             )
+
+    def grow(self, n: int) -> None:
+        """``n`` more runs than planned (a tuning grid extended)."""
+        self.total += n
+        if self.bar is not None and n:
+            self.bar.update(self.task, total=self.total)
 
     def skip(self, n: int) -> None:
         self.count += n

@@ -17,8 +17,19 @@ variances (``ddof=1``). Intervals are two-sided at ``confidence`` (0.95 by defau
 * Effect sizes: Hedges' g (Cohen's d with the pooled SD and the small-sample correction
   ``J = 1 - 3 / (4 (n_a + n_b) - 9)``) for independent samples, ``d_z = mean(d) / sd(d)``
   for paired ones (Lakens 2013).
-* :func:`holm` adjusts p-values for the several policies compared with one baseline
-  (Holm 1979).
+* :func:`sign_flip_test` is the exact paired permutation test (Fisher 1935; Pitman
+  1937) of ``mean(d) == 0``: under the null each per-seed difference is as likely to have
+  either sign, so the p-value is the share of the ``2**n`` sign patterns whose mean is at
+  least as far from 0 as the observed one (every pattern enumerated for ``n <= 16``,
+  else ``resamples`` seeded draws). It needs no normality, but its smallest p-value is
+  ``2 / 2**n`` (0.0625 at 5 seeds): :func:`sign_flip_floor`.
+* :func:`censored_differences` pairs times-to-event (steps to a target) that may be
+  censored (``inf``: never reached within the budget): both are capped at the budget
+  before subtracting. The cap is a monotone map applied alike to both policies, so a
+  pair that is exchangeable under the null stays exchangeable, and the sign-flip test of
+  the capped differences is exact; the mean capped difference understates a gap that
+  runs past the budget (a conservative effect estimate).
+* :func:`holm` adjusts p-values for a family of tests (Holm 1979).
 """
 
 from __future__ import annotations
@@ -35,11 +46,14 @@ __all__ = [
     "Comparison",
     "TestResult",
     "bootstrap_ci",
+    "censored_differences",
     "compare",
     "hedges_g",
     "holm",
     "paired_dz",
     "paired_test",
+    "sign_flip_floor",
+    "sign_flip_test",
     "steps_to_target",
     "t_band",
     "welch_test",
@@ -226,6 +240,67 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p[index]))
         adjusted[index] = running
     return [round(float(v), 12) for v in adjusted]
+
+
+def sign_flip_test(
+    differences: Sequence[float], resamples: int = 100_000, seed: int = 0
+) -> TestResult:
+    """Exact two-sided sign-flip permutation test of ``mean(d) == 0`` (module docstring).
+    ``statistic`` is the observed mean; ``df`` is ``nan`` (no reference distribution).
+
+    >>> sign_flip_test([1.0, 2.0, 3.0]).p_value  # only all-plus and all-minus are as far out
+    0.25
+    """
+    d = _array(differences, "differences")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
+        raise ValueError(f"resamples must be an integer >= 100, got {resamples!r}")
+    n, observed = d.size, abs(float(d.mean()))
+    if observed == 0.0:
+        return TestResult("sign-flip", 0.0, math.nan, 1.0)
+    if n <= 16:  # every sign pattern, each with probability 2**-n
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+    else:
+        signs = np.random.default_rng(seed).choice([-1, 1], size=(resamples, n))
+    means = np.abs(signs @ d) / n
+    tolerance = 1e-12 * max(1.0, observed)
+    p = float(np.mean(means >= observed - tolerance))
+    return TestResult("sign-flip", float(d.mean()), math.nan, p)
+
+
+def sign_flip_floor(n: int) -> float:
+    """The smallest p-value the two-sided sign-flip test can give with ``n`` pairs.
+
+    >>> sign_flip_floor(5)
+    0.0625
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    return min(1.0, 2.0 / 2**n)
+
+
+def censored_differences(
+    a: Sequence[float], b: Sequence[float], budget: float
+) -> tuple[np.ndarray, int, int]:
+    """``(min(a, budget) - min(b, budget), censored in a, censored in b)`` for paired
+    times ``a`` (policy) and ``b`` (baseline) where ``inf`` (or anything past ``budget``)
+    means the target was never reached (module docstring).
+
+    >>> censored_differences([100, float("inf")], [300, 200], budget=500)
+    (array([-200.,  300.]), 1, 0)
+    """
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    if x.size != y.size:
+        raise ValueError(f"a and b must pair up, got {x.size} and {y.size} values")
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget must be a positive number, got {budget!r}")
+    if np.any(np.isnan(x)) or np.any(np.isnan(y)) or np.any(x < 0) or np.any(y < 0):
+        raise ValueError(f"times must be >= 0 or inf, got {x.tolist()!r} and {y.tolist()!r}")
+    return (
+        np.minimum(x, budget) - np.minimum(y, budget),
+        int(np.sum(x > budget)),
+        int(np.sum(y > budget)),
+    )
 
 
 def steps_to_target(steps: Sequence[int], values: Sequence[float], target: float) -> float:

@@ -40,6 +40,7 @@ import torch
 
 from layerwise.engine import NonFiniteGradientError
 from layerwise.experiments.atomic import atomic_write
+from layerwise.experiments.costs import CostCounter
 from layerwise.experiments.evaluation import Evaluator, MeanLoss, SensitivityMonitor
 from layerwise.experiments.manifest import build_manifest, write_manifest
 from layerwise.experiments.plan import RunSpec
@@ -84,6 +85,7 @@ def _execute(spec, run_dir, config_hash, cache_dir, device) -> dict[str, Any]:
     history = run.opt.history
     _write_logs(run_dir, history, evaluate.events)
     summary = _summary(spec, run.task, rows, status, evaluate.events, history)
+    summary.update(run.cost.summary(int(summary["steps"])))  # passes and estimation seconds
     if spec.evaluate_test:  # the one and only look at the test split
         test = tuple(t.to(device) for t in run.splits.test)
         test_loss, test_metric = run.task.evaluate(run.model, *test)
@@ -106,6 +108,7 @@ class _Run:
     opt: Any
     scheduler: Any
     device: torch.device
+    cost: CostCounter
 
 
 def _set_up(spec: RunSpec, run_dir: Path, config_hash, cache_dir, device) -> _Run:
@@ -120,7 +123,8 @@ def _set_up(spec: RunSpec, run_dir: Path, config_hash, cache_dir, device) -> _Ru
     model = task.build_model(spec.seed).to(device)
     groups = _group_parameters(spec, task, model)
     built = build_policy(spec.policy_spec, groups)
-    opt, scheduler = _optimizers(spec, task, model, groups, built)
+    cost = CostCounter()
+    opt, scheduler = _optimizers(spec, task, model, groups, built, cost)
     manifest = build_manifest(
         spec,
         config_hash=config_hash,
@@ -132,7 +136,7 @@ def _set_up(spec: RunSpec, run_dir: Path, config_hash, cache_dir, device) -> _Ru
         device=str(device),
     )
     write_manifest(run_dir, manifest)
-    return _Run(task, splits, train, val, model, groups, opt, scheduler, device)
+    return _Run(task, splits, train, val, model, groups, opt, scheduler, device, cost)
 
 
 def _group_parameters(spec: RunSpec, task, model: torch.nn.Module):
@@ -147,13 +151,14 @@ def _group_parameters(spec: RunSpec, task, model: torch.nn.Module):
     return policies.group_parameters(model, strategy, **grouping)
 
 
-def _optimizers(spec: RunSpec, task, model, groups, built: dict[str, Any]):
+def _optimizers(spec: RunSpec, task, model, groups, built: dict[str, Any], cost=None):
     """``(engine, scheduler)``: the task's optimizer at rate ``spec.lr`` in every group,
     wrapped for the policy's update keys (SAM, normalised gradients:
     :func:`layerwise.experiments.policy_specs.wrap_optimizer`), then in the engine
     (controller, recalibration and estimator settings of the policy),
     and a :class:`layerwise.policies.LayerwiseLR` giving group ``g`` the base rate
-    ``spec.lr * factor_g * schedule(t)``, stepped after every optimizer step."""
+    ``spec.lr * factor_g * schedule(t)``, stepped after every optimizer step. ``cost`` (a
+    :class:`~layerwise.experiments.costs.CostCounter`) is the engine's callback."""
     from layerwise import engine, policies
 
     param_groups = groups.to_optimizer_groups(lr=spec.lr, weight_decay=task.recipe.weight_decay)
@@ -165,6 +170,7 @@ def _optimizers(spec: RunSpec, task, model, groups, built: dict[str, Any]):
         loss_fn=task.loss_fn,
         controller=built["controller"],
         seed=spec.seed,
+        callback=cost,
         **extra,
     )
     schedule = policies.schedules.from_spec(spec.schedule)

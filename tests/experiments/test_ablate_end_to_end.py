@@ -41,11 +41,16 @@ def test_exit_code_and_layout(tiny_run):
 def test_tuning_is_fair_and_recorded(tiny_run):
     _, out = tiny_run
     tuning = json.loads((out / "tuning.json").read_text())
-    assert set(tuning["chosen"]) == {"digits_mlp/default/uniform", "digits_mlp/default/curvature"}
-    for key, entry in tuning["chosen"].items():
+    assert set(tuning["cells"]) == {"digits_mlp/default/uniform", "digits_mlp/default/curvature"}
+    assert tuning["rule"]["max_extensions"] == 0  # tiny.toml keeps its grid
+    for key, entry in tuning["cells"].items():
         assert set(entry["scores"]) == {"0.003", "0.01"}, "every policy searched the same grid"
-        best = max(entry["scores"].items(), key=lambda kv: kv[1]["val_metric"])
-        assert entry["lr"] == float(best[0])
+        assert entry["grid"] == [0.003, 0.01] and entry["status"] == "done"
+        best = [lr for lr, s in entry["scores"].items() if s["rank"] == 1]
+        assert entry["chosen_lr"] == float(best[0])
+        assert entry["bracketed"] is False, "a two-rate grid brackets nothing"
+        for score in entry["scores"].values():
+            assert set(score["per_seed"]) == {"100"}
         policy = key.split("/")[-1]
         for seed in (0, 1):
             done = json.loads(
@@ -53,7 +58,7 @@ def test_tuning_is_fair_and_recorded(tiny_run):
                     out / "runs" / f"final__digits_mlp__{policy}__default__s{seed}" / "done.json"
                 ).read_text()
             )
-            assert done["lr"] == entry["lr"], "final runs use the tuned rate"
+            assert done["lr"] == entry["chosen_lr"], "final runs use the tuned rate"
 
 
 def test_test_split_only_in_final_runs(tiny_run):
@@ -220,7 +225,7 @@ def test_bundled_configs_parse():
     from layerwise.experiments.config import load_config
     from layerwise.experiments.plan import final_specs, lr_grid, tuning_specs
 
-    for name in ("quickstart", "full", "tiny", "control", "regimes"):
+    for name in ("quickstart", "full", "tiny", "control", "regimes", "findings"):
         config = load_config(resolve_config_path(name))
         assert "uniform" in config.policies and tuning_specs(config)
     full = load_config(resolve_config_path("full"))

@@ -103,6 +103,7 @@ def _fake_run(runs: Path, policy: str, seed: int, test: float, fallback: bool = 
             "val_metric": test,
             "val_loss": 1 - test,
             "test_metric": test,
+            "test_loss": 1 - test,
             "steps_to_target": 10.0,
             "train_time": 1.0,
             "wall_time": 2.0,
@@ -129,12 +130,17 @@ def folder(tmp_path_factory):
     write_json(
         out / "tuning.json",
         {
-            "chosen": {
+            "rule": {"seeds": [1000], "max_extensions": 3},
+            "cells": {
                 "toy/default/better": {
-                    "lr": 0.01,
-                    "scores": {"0.01": {"val_metric": 0.9, "val_loss": 0.1, "runs": 1}},
+                    "status": "done",
+                    "grid": [0.001, 0.01],
+                    "extensions": [],
+                    "chosen_lr": 0.01,
+                    "bracketed": False,
+                    "scores": {"0.01": {"val_metric": 0.9, "val_loss": 0.1, "failed": False}},
                 }
-            }
+            },
         },
     )
     return out
@@ -144,6 +150,7 @@ def test_report_and_figures_are_written(folder, capsys):
     assert main(["report", str(folder)]) == 0
     printed = capsys.readouterr().out
     assert "report:" in printed and "better" in printed
+    assert "tuning not bracketed (best rate at a grid edge): toy/default/better" in printed
     report = (folder / "report.md").read_text()
     for section in (
         "# Ablation report: toy study",
@@ -172,9 +179,30 @@ def test_report_and_figures_are_written(folder, capsys):
 def test_report_says_who_helped(folder):
     main(["report", str(folder), "--no-figures"])
     report = (folder / "report.md").read_text()
-    assert "**Significantly better than `uniform`:** better on toy (+5.08 pp)" in report
-    assert "- **same** on toy: no significant difference" in report
+    assert "**Significantly better than `uniform`:** better on toy (final_metric +5.08 pp" in report
+    assert "- **same** on toy (n = 5): test metric indistinguishable: Δ -0.20 pp" in report
     assert "fallback: spike in head" in report
+    assert "**Tuning not bracketed:** the chosen rate of toy/default/better" in report
+    row = "| toy | default | better | 0.001, 0.01 | 0.01 | **no** (top edge at the cap) |"
+    assert row in report
+    for section in ("## Paired comparisons", "## Power, resolution and seeds"):
+        assert section in report
+    # 2/2**5 x 6 tests > 0.05: the steps rows cannot reject after Holm, and the report says so
+    assert "smallest p-value with 5 seeds, 2/2^5, times the 6 tests" in report
+    assert "it needs at least 8 seeds" in report
+
+
+def test_comparisons_csv(folder):
+    import pandas as pd
+
+    main(["report", str(folder), "--no-figures"])
+    table = pd.read_csv(folder / "comparisons.csv")
+    needed = ["task", "setting", "policy", "metric", "n", "delta", "ci_low", "ci_high"]
+    assert {*needed, "p_holm", "mde", "significant"} <= set(table.columns)
+    assert len(table) == 2 * 3, "two policies x (final metric, final loss, steps to target)"
+    row = table.set_index(["policy", "metric"]).loc[("better", "final_metric")]
+    assert row["delta"] == pytest.approx(0.0508) and bool(row["significant"])
+    assert row["n"] == 5 and row["mde"] > 0
 
 
 def test_the_summary_numbers(folder):
@@ -190,6 +218,13 @@ def test_the_summary_numbers(folder):
     # Holm over 2 comparisons: the smaller p doubles, the larger keeps max(itself, that)
     assert table.loc["better", "p_holm"] == pytest.approx(2 * table.loc["better", "p"])
     assert table.loc["same", "p_holm"] == pytest.approx(table.loc["same", "p"])
+    # with the family (6 tests), Holm runs over every metric of every policy
+    from layerwise.experiments.reporting import family
+
+    rows = family(results)
+    table = summarise(results.finals, results.policy_order, family=rows).set_index("policy")
+    better = rows[(rows["policy"] == "better") & (rows["metric"] == "final_metric")].iloc[0]
+    assert table.loc["better", "p_holm"] == better["p_holm"]
     assert table.loc["same", "fallback_events"] == 1
 
 
@@ -224,3 +259,37 @@ def test_unfinished_runs_are_refused_or_listed_with_allow_incomplete(folder, tmp
         "- runs/final__toy__better__default__s4/done.json: missing (the run did not finish)"
     ) in report
     json.loads((copy / "ablation.json").read_text())
+
+
+def test_findings_page(folder, tmp_path, capsys):
+    from layerwise.experiments.findings import main as findings
+
+    page = tmp_path / "docs" / "findings.md"
+    assert findings([str(folder), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "significantly helped, 0 significantly hurt" in text
+    assert "- **same**: accuracy indistinguishable on toy (MDE 1.84 pp)." in text
+    assert "- **better**: helped: accuracy on toy (+5.08 pp), loss on toy (-0.0508)" in text
+    helped = text.split("**Helped**")[1].split("**Hurt**")[0]
+    assert "- better on toy: Δ +5.08 pp" in helped and "MDE 0.18 pp" in helped
+    same = text.split("**Indistinguishable**")[1]
+    assert "- same on toy: Δ -0.20 pp" in same
+    assert "**Tuning not bracketed** for toy/default/better" in text
+    assert (tmp_path / "docs" / "findings" / "summary.png").read_bytes().startswith(PNG)
+    assert "![summary](findings/summary.png)" in text
+    assert findings([str(tmp_path / "nowhere"), "--out", str(page)]) == 1
+    assert capsys.readouterr().err.startswith("findings: error: ")
+
+
+def test_findings_page_of_an_incomplete_study(folder, tmp_path):
+    import shutil
+
+    from layerwise.experiments.findings import main as findings
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "runs" / "final__toy__same__default__s4" / "done.json").unlink()
+    page = tmp_path / "findings.md"
+    assert findings([str(copy), "--out", str(page)]) == 1 and not page.exists()
+    assert findings([str(copy), "--out", str(page), "--allow-incomplete"]) == 0
+    assert "**Incomplete:** 1 planned run(s) or file(s) are missing" in page.read_text()

@@ -102,7 +102,7 @@ def test_bundled_configs_are_ours_from_any_folder(user_folder):
     assert unknown.returncode == 2, unknown.stderr
     assert unknown.stderr == (
         "layerwise ablate: error: config 'nosuch' is neither a file nor a bundled config "
-        "(control, full, quickstart, regimes, tiny)\n"
+        "(control, findings, full, quickstart, regimes, tiny)\n"
     )
     code = (
         "from layerwise.experiments.commands.ablate import resolve_config_path\n"
