@@ -1,0 +1,117 @@
+"""Stopping cleanly on SIGTERM and SIGINT, at any phase of an ablation.
+
+Python turns SIGINT into ``KeyboardInterrupt`` but lets SIGTERM kill the process on the
+spot, which leaves its worker processes running (orphans that go on writing into the
+results folder). :func:`stop_on_signals` makes both signals raise :class:`Interrupted` in
+the main thread, wherever it is (loading a config, generating data, waiting on workers),
+so the ``finally``/``except`` blocks above it run: the runner terminates every worker
+(:mod:`layerwise.experiments.backends`), the results-folder lock is released, and every
+finished run stays as it is (an unfinished one leaves only a temporary folder, removed on
+resume; :mod:`layerwise.experiments.rundirs`). A second signal while that clean-up runs
+is ignored, so a double Ctrl-C cannot cut it short.
+
+Worker processes call :func:`worker_signals`: they ignore SIGINT (a Ctrl-C reaches the
+whole process group; the main process decides and terminates them) and, on Linux, ask
+the kernel to send them SIGTERM if the process that started them dies, even by
+``kill -9`` (``prctl(PR_SET_PDEATHSIG)``), so no worker outlives its ablation.
+
+>>> import os, signal
+>>> try:
+...     with stop_on_signals():
+...         os.kill(os.getpid(), signal.SIGTERM)
+... except Interrupted as exc:
+...     print(exc.signal_name, exc.exit_code)
+SIGTERM 143
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+__all__ = ["Interrupted", "reinstall", "stop_on_signals", "worker_signals"]
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+#: The handlers the outermost :func:`stop_on_signals` block installed, by signal number.
+_ACTIVE: dict[int, object] = {}
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived; :attr:`signum` says which, :attr:`exit_code` is the
+    shell's convention for it (128 + the signal number: 130 for SIGINT, 143 for SIGTERM).
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles SIGTERM the same way."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(self.signal_name)
+
+    @property
+    def signal_name(self) -> str:
+        """``"SIGTERM"``, ``"SIGINT"``."""
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Inside the block, the first of ``signums`` to arrive raises :class:`Interrupted` in
+    the main thread; later ones are ignored until the outermost block is left (the
+    clean-up runs to its end). The previous handlers are restored on leaving. A nested
+    block keeps the outer one's handlers; outside the main thread (where Python cannot
+    install handlers) the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread() or _ACTIVE:
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if fired:
+            return  # cleaning up after the first one
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in signums}
+    try:
+        for s in signums:
+            signal.signal(s, handler)
+            _ACTIVE[s] = handler
+        yield
+    finally:
+        _ACTIVE.clear()
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+def reinstall() -> None:
+    """Put back the handlers of the enclosing :func:`stop_on_signals` block if a library
+    replaced them (``ray.init`` installs its own SIGTERM handler in the driver). A no-op
+    outside such a block or the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s, handler in _ACTIVE.items():
+        if signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
+
+
+def worker_signals(parent: int | None = None) -> None:
+    """Set up a worker process: ignore SIGINT, and die (SIGTERM) with the process
+    ``parent`` (the one that started this worker; Linux only, elsewhere a no-op). If the
+    parent is already gone, exit at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the request above took effect
+        os._exit(1)
