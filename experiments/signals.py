@@ -34,12 +34,28 @@ import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import ClassVar
 
-__all__ = ["Interrupted", "reinstall", "stop_on_signals", "worker_signals"]
+__all__ = [
+    "Interrupted",
+    "children_ignore_sigint",
+    "deferred",
+    "reinstall",
+    "stop_on_signals",
+    "worker_signals",
+]
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-#: The handlers the outermost :func:`stop_on_signals` block installed, by signal number.
-_ACTIVE: dict[int, object] = {}
+_CHILD_BLOCKED = {signal.SIGINT}
+
+
+class _State:
+    """What the outermost :func:`stop_on_signals` block shares with :func:`deferred`."""
+
+    handlers: ClassVar[dict[int, object]] = {}  # installed, by signal number
+    fired: ClassVar[int | None] = None  # the signal acted on
+    pending: ClassVar[int | None] = None  # arrived inside a deferred section
+    defer: ClassVar[int] = 0  # depth of deferred sections
 
 
 class Interrupted(KeyboardInterrupt):
@@ -69,27 +85,64 @@ def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) 
     clean-up runs to its end). The previous handlers are restored on leaving. A nested
     block keeps the outer one's handlers; outside the main thread (where Python cannot
     install handlers) the block runs unchanged."""
-    if threading.current_thread() is not threading.main_thread() or _ACTIVE:
+    if threading.current_thread() is not threading.main_thread() or _State.handlers:
         yield
         return
-    fired: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if fired:
+        if _State.fired is not None:
             return  # cleaning up after the first one
-        fired.append(signum)
+        if _State.defer:
+            _State.pending = signum
+            return
+        _State.fired = signum
         raise Interrupted(signum)
 
     previous = {s: signal.getsignal(s) for s in signums}
+    _State.fired = _State.pending = None
+    _State.defer = 0
     try:
         for s in signums:
             signal.signal(s, handler)
-            _ACTIVE[s] = handler
+            _State.handlers[s] = handler
         yield
     finally:
-        _ACTIVE.clear()
+        _State.handlers = {}
         for s, old in previous.items():
             signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A section a signal must not cut in two (starting a process: cut, it leaves a
+    half-started child). A signal arriving inside raises :class:`Interrupted` when the
+    section ends. Outside a :func:`stop_on_signals` block, a plain block."""
+    _State.defer += 1
+    try:
+        yield
+    finally:
+        _State.defer -= 1
+        if not _State.defer and _State.pending is not None and _State.fired is None:
+            _State.fired, _State.pending = _State.pending, None
+            raise Interrupted(_State.fired)
+
+
+@contextlib.contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Processes started inside the block start with SIGINT blocked (the signal mask is
+    inherited through ``fork`` and ``exec``), so a Ctrl-C sent to the whole process group
+    while they boot does not print their tracebacks; :func:`worker_signals` then ignores
+    it for good and unblocks it. This thread's SIGINT goes meanwhile to another thread,
+    whose flag the main thread's handler reads as usual. A plain block where
+    ``pthread_sigmask`` does not exist."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_BLOCKED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def reinstall() -> None:
@@ -98,7 +151,7 @@ def reinstall() -> None:
     outside such a block or the main thread."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for s, handler in _ACTIVE.items():
+    for s, handler in _State.handlers.items():
         if signal.getsignal(s) is not handler:
             signal.signal(s, handler)
 
@@ -108,6 +161,8 @@ def worker_signals(parent: int | None = None) -> None:
     ``parent`` (the one that started this worker; Linux only, elsewhere a no-op). If the
     parent is already gone, exit at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked by children_ignore_sigint: a pending
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_BLOCKED)  # one is now discarded
     if parent is None or not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):

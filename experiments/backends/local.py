@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from layerwise.experiments.signals import worker_signals
+from layerwise.experiments.signals import children_ignore_sigint, deferred, worker_signals
 
 __all__ = ["InProcess", "LocalPool"]
 
@@ -73,7 +73,10 @@ class LocalPool:
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
-        return self._pool.submit(fn, *args)
+        # submit may start a worker: not to be cut in two by a signal, nor the worker by
+        # a Ctrl-C to the process group while it boots
+        with deferred(), children_ignore_sigint():
+            return self._pool.submit(fn, *args)
 
     def shutdown(self) -> None:
         """Wait for the submitted calls, then stop the workers."""

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from layerwise.experiments.extras import require
-from layerwise.experiments.signals import reinstall
+from layerwise.experiments.signals import deferred, reinstall
 
 __all__ = ["RayExecutor"]
 
@@ -50,16 +50,19 @@ class RayExecutor:
         # no usage statistics reported home; must be set before Ray starts
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         self._owned = not ray.is_initialized()
-        if self._owned:
-            if address is None:
-                ray.init(
-                    num_cpus=workers,
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                )
-            else:
-                ray.init(address=address, logging_level=logging.WARNING)
-        reinstall()  # ray.init replaces the driver's SIGTERM handler with its own
+        try:
+            with deferred():  # a signal while Ray starts acts once it has started
+                if self._owned and address is None:
+                    ray.init(
+                        num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING
+                    )
+                elif self._owned:
+                    ray.init(address=address, logging_level=logging.WARNING)
+                reinstall()  # ray.init replaces the driver's SIGTERM handler with its own
+        except BaseException:
+            if self._owned:
+                ray.shutdown()
+            raise
         self._remote = ray.remote(num_cpus=1, max_retries=max_retries)(_in_ray_worker)
         self._refs: dict[Any, None] = {}
         self._lock = threading.Lock()
