@@ -47,7 +47,7 @@ from layerwise.experiments.rundirs import (
     recover,
     supersede,
 )
-from layerwise.experiments.signals import stop_on_signals
+from layerwise.experiments.signals import acknowledge, acknowledging, stop_on_signals
 
 __all__ = ["AblationResult", "ablate", "run_one"]
 
@@ -177,7 +177,7 @@ def ablate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = AblationResult(out=out)
-    with stop_on_signals(), lock(out):
+    with stop_on_signals(), lock(out), acknowledging():
         _claim(out, config, force, config_text, result)
         runs = out / RUNS
         runs.mkdir(exist_ok=True)
@@ -187,7 +187,9 @@ def ablate(
         executor = open_executor(backend, workers, address)
         try:
             _execute(config, out, runs, cache, executor, progress, result)
-        except BaseException:  # an interrupt included: no worker may outlive us
+        except BaseException as exc:  # an interrupt included: no worker may outlive us
+            if isinstance(exc, KeyboardInterrupt):
+                acknowledge()  # in hand: no more repeats, a second Ctrl-C cannot cut this
             executor.terminate()
             raise
         executor.shutdown()

@@ -7,8 +7,14 @@ the main thread, wherever it is (loading a config, generating data, waiting on w
 so the ``finally``/``except`` blocks above it run: the runner terminates every worker
 (:mod:`layerwise.experiments.backends`), the results-folder lock is released, and every
 finished run stays as it is (an unfinished one leaves only a temporary folder, removed on
-resume; :mod:`layerwise.experiments.rundirs`). A second signal while that clean-up runs
-is ignored, so a double Ctrl-C cannot cut it short.
+resume; :mod:`layerwise.experiments.rundirs`).
+
+An exception raised by a signal handler while C code runs can be held back or lost:
+raised inside a NumPy reduction during data generation, it was seen to surface seconds
+later in another call, and it may never surface (which is how an early Ctrl-C came to be
+ignored). So the signal is raised again, once a second, until the code that stops the
+ablation takes it in hand (:func:`acknowledge`); from then on, until the block is left,
+further signals are ignored, so a double Ctrl-C cannot cut the clean-up short.
 
 Worker processes call :func:`worker_signals`: they ignore SIGINT (a Ctrl-C reaches the
 whole process group; the main process decides and terminates them) and, on Linux, ask
@@ -32,12 +38,16 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import ClassVar
 
 __all__ = [
+    "REPEAT_EVERY",
     "Interrupted",
+    "acknowledge",
+    "acknowledging",
     "children_ignore_sigint",
     "deferred",
     "reinstall",
@@ -47,15 +57,19 @@ __all__ = [
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _CHILD_BLOCKED = {signal.SIGINT}
+#: Seconds between repeats of a signal not yet taken in hand.
+REPEAT_EVERY = 0.5
 
 
 class _State:
-    """What the outermost :func:`stop_on_signals` block shares with :func:`deferred`."""
+    """What the outermost :func:`stop_on_signals` block shares with the other functions."""
 
     handlers: ClassVar[dict[int, object]] = {}  # installed, by signal number
-    fired: ClassVar[int | None] = None  # the signal acted on
+    signum: ClassVar[int | None] = None  # the first signal that arrived
     pending: ClassVar[int | None] = None  # arrived inside a deferred section
     defer: ClassVar[int] = 0  # depth of deferred sections
+    acknowledged: ClassVar[bool] = False  # the stop is in hand: ignore signals
+    lock = threading.Lock()  # the repeater against the block's exit
 
 
 class Interrupted(KeyboardInterrupt):
@@ -80,36 +94,70 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
-    """Inside the block, the first of ``signums`` to arrive raises :class:`Interrupted` in
-    the main thread; later ones are ignored until the outermost block is left (the
-    clean-up runs to its end). The previous handlers are restored on leaving. A nested
-    block keeps the outer one's handlers; outside the main thread (where Python cannot
-    install handlers) the block runs unchanged."""
+    """Inside the block, each of ``signums`` raises :class:`Interrupted` in the main thread,
+    and the first one is raised again every :data:`REPEAT_EVERY` seconds until
+    :func:`acknowledge` is called, after which signals are ignored until the outermost
+    block is left (module docstring). The previous handlers are restored on leaving. A
+    nested block keeps the outer one's handlers; outside the main thread (where Python
+    cannot install handlers) the block runs unchanged."""
     if threading.current_thread() is not threading.main_thread() or _State.handlers:
         yield
         return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if _State.fired is not None:
-            return  # cleaning up after the first one
-        if _State.defer:
-            _State.pending = signum
-            return
-        _State.fired = signum
-        raise Interrupted(signum)
-
     previous = {s: signal.getsignal(s) for s in signums}
-    _State.fired = _State.pending = None
-    _State.defer = 0
+    _State.signum = _State.pending = None
+    _State.defer, _State.acknowledged = 0, False
     try:
         for s in signums:
-            signal.signal(s, handler)
-            _State.handlers[s] = handler
+            signal.signal(s, _handler)
+            _State.handlers[s] = _handler
         yield
     finally:
-        _State.handlers = {}
-        for s, old in previous.items():
-            signal.signal(s, old if old is not None else signal.SIG_DFL)
+        with _State.lock:  # no repeat is sent once the handlers may be the old ones
+            _State.handlers = {}
+            for s, old in previous.items():
+                signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    if _State.acknowledged or not _State.handlers:
+        return  # the stop is in hand (or a repeat arrived as the block was left)
+    if _State.signum is None:
+        _State.signum = signum
+        threading.Thread(target=_repeat, args=(signum,), daemon=True).start()
+    if _State.defer:
+        _State.pending = signum
+        return
+    raise Interrupted(signum)
+
+
+def _repeat(signum: int) -> None:
+    """Send ``signum`` to this process every :data:`REPEAT_EVERY` seconds until the stop is
+    acknowledged or the block is left."""
+    while True:
+        time.sleep(REPEAT_EVERY)
+        with _State.lock:
+            if _State.acknowledged or not _State.handlers:
+                return
+            os.kill(os.getpid(), signum)
+
+
+def acknowledge() -> None:
+    """Say that the stop is in hand (the runner is stopping its workers): signals are no
+    longer repeated, and ignored until the outermost :func:`stop_on_signals` block is
+    left. A no-op outside such a block."""
+    if _State.handlers:
+        _State.acknowledged = True
+
+
+@contextlib.contextmanager
+def acknowledging() -> Iterator[None]:
+    """Call :func:`acknowledge` when a ``KeyboardInterrupt`` (an :class:`Interrupted`
+    included) leaves the block, before the blocks around it clean up."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        acknowledge()
+        raise
 
 
 @contextlib.contextmanager
@@ -122,9 +170,9 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _State.defer -= 1
-        if not _State.defer and _State.pending is not None and _State.fired is None:
-            _State.fired, _State.pending = _State.pending, None
-            raise Interrupted(_State.fired)
+        if not _State.defer and _State.pending is not None and not _State.acknowledged:
+            signum, _State.pending = _State.pending, None
+            raise Interrupted(signum)
 
 
 @contextlib.contextmanager

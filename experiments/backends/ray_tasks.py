@@ -22,12 +22,13 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from layerwise.experiments.extras import require
-from layerwise.experiments.signals import deferred, reinstall
+from layerwise.experiments.signals import Interrupted, deferred, reinstall
 
 __all__ = ["RayExecutor"]
 
@@ -59,9 +60,11 @@ class RayExecutor:
                 elif self._owned:
                     ray.init(address=address, logging_level=logging.WARNING)
                 reinstall()  # ray.init replaces the driver's SIGTERM handler with its own
-        except BaseException:
+        except BaseException as exc:
             if self._owned:
                 ray.shutdown()
+            if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+                raise Interrupted(signal.SIGTERM) from None  # what ray.init's handler made of it
             raise
         self._remote = ray.remote(num_cpus=1, max_retries=max_retries)(_in_ray_worker)
         self._refs: dict[Any, None] = {}

@@ -16,20 +16,27 @@ import pytest
 
 from layerwise.experiments.config import load_config
 from layerwise.experiments.runner import ablate
-from layerwise.experiments.signals import Interrupted, stop_on_signals
+from layerwise.experiments.signals import (
+    REPEAT_EVERY,
+    Interrupted,
+    acknowledge,
+    acknowledging,
+    deferred,
+    stop_on_signals,
+)
 
 from .ablations import ROOT, TINY, TINY_RUNS, result_files, wait_for
 
 MARKER = "LAYERWISE_INTERRUPT_TEST"
 
 
-def _start(out: Path, marker: str) -> subprocess.Popen:
-    """`layerwise ablate <tiny> --out out --workers 2` in its own session, every process
+def _start(out: Path, marker: str, config: Path = TINY, workers: int = 2) -> subprocess.Popen:
+    """`layerwise ablate <config> --out out --workers 2` in its own session, every process
     it starts carrying ``MARKER=marker`` in its environment."""
     return subprocess.Popen(
         [
-            *(sys.executable, "-m", "layerwise.experiments.cli", "ablate", str(TINY)),
-            *("--out", str(out), "--workers", "2", "--no-report", "--no-progress"),
+            *(sys.executable, "-m", "layerwise.experiments.cli", "ablate", str(config)),
+            *("--out", str(out), "--workers", str(workers), "--no-report", "--no-progress"),
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), MARKER: marker},
@@ -116,16 +123,52 @@ def test_a_signal_at_start_up_or_mid_run_stops_everything_and_resumes(
         assert resumed[name] == content, f"{name} differs from the uninterrupted run's"
 
 
-def test_stop_on_signals_raises_once_and_restores_the_handlers():
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_data_generation_stops_at_once(signum, tmp_path):
+    """MNIST-1D is generated when the first run starts (here in the main process, with
+    ``--workers 1``): a signal then stops the command, and no data file is half-written."""
+    config = tmp_path / "mnist1d.toml"
+    config.write_text(TINY.read_text().replace('name = "digits_mlp"', 'name = "mnist1d_mlp"'))
+    out, marker = tmp_path / "out", uuid.uuid4().hex
+    proc = _start(out, marker, config, workers=1)
+    wait_for(proc, lambda: any(out.glob(".cache/mnist1d-*.lock")), "the data being generated")
+    assert not any(out.glob(".cache/mnist1d-*.npz")), "still generating"
+    _interrupt(proc, signum, marker)
+    assert not any(out.glob(".cache/.*.tmp")) and not any(out.glob("runs/*/done.json"))
+    assert not (out / ".lock").exists(), "the lock is released"
+
+
+def test_a_swallowed_interrupt_is_raised_again_until_acknowledged():
+    """NumPy's C code can swallow the exception a signal handler raises: the signal is
+    repeated until the stop is taken in hand; then signals are ignored, and on leaving the
+    block the handlers are restored."""
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with pytest.raises(Interrupted) as caught, stop_on_signals():
+    raised = []
+    with stop_on_signals():
         with stop_on_signals():  # nested: the outer block's handlers stay
             pass
         try:
             os.kill(os.getpid(), signal.SIGTERM)
-        finally:  # the clean-up is not cut short by a second signal
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGTERM)
-    assert caught.value.signum == signal.SIGTERM and caught.value.exit_code == 143
-    assert isinstance(caught.value, KeyboardInterrupt)
+            time.sleep(5)
+        except Interrupted:  # swallowed, as by NumPy
+            raised.append(time.monotonic())
+        with pytest.raises(Interrupted) as caught:
+            time.sleep(5)  # the repeat comes within REPEAT_EVERY seconds
+        raised.append(time.monotonic())
+        assert caught.value.signum == signal.SIGTERM and caught.value.exit_code == 143
+        assert isinstance(caught.value, KeyboardInterrupt)
+        assert raised[1] - raised[0] < 4 * REPEAT_EVERY + 1
+        acknowledge()
+        os.kill(os.getpid(), signal.SIGINT)  # the clean-up is not cut short
+        time.sleep(3 * REPEAT_EVERY)  # and nothing is repeated
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_signal_inside_a_deferred_section_is_raised_at_its_end():
+    with pytest.raises(Interrupted) as caught, stop_on_signals(), acknowledging(), deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        finished = True
+    assert finished and caught.value.signum == signal.SIGINT
