@@ -140,6 +140,20 @@ def test_a_signal_during_data_generation_stops_at_once(signum, tmp_path):
     assert not (out / ".lock").exists(), "the lock is released"
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_kill_9_of_the_command_leaves_no_worker_running(tmp_path):
+    out, marker = tmp_path / "out", uuid.uuid4().hex
+    proc = _start(out, marker)
+    wait_for(proc, lambda: any(out.glob("runs/.tmp-*/metrics.csv")), "a run in progress")
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _marked(marker), "workers outlived the command"
+
+
 def test_a_swallowed_interrupt_is_raised_again_until_acknowledged():
     """NumPy's C code can swallow the exception a signal handler raises: the signal is
     repeated until the stop is taken in hand; then signals are ignored, and on leaving the
