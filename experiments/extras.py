@@ -27,6 +27,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "experiments"),
     "mnist1d": ("mnist1d", "experiments"),
     "pyarrow": ("pyarrow", "experiments"),
+    "ray": ("ray", "ray"),
 }
 
 

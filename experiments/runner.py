@@ -1,10 +1,11 @@
 """The ablation runner: tune every policy's base rate, then run every seed, in parallel.
 
 :func:`ablate` plans the runs of a config (:mod:`layerwise.experiments.plan`), skips the finished
-ones, and executes the rest in worker processes (``concurrent.futures`` with the *spawn*
-start method, one torch thread per worker, so results do not depend on ``workers``; with
-``workers=1`` runs execute in this process). A cell's final runs are submitted as soon as
-all of its tuning runs are in, so workers stay busy. Every run goes to a temporary folder
+ones, and executes the rest on an execution backend (:mod:`layerwise.experiments.backends`):
+``local`` worker processes (the *spawn* start method; with ``workers=1`` runs execute in
+this process) or ``ray`` tasks, one torch thread per run, so results depend neither on
+``workers`` nor on the backend. A cell's final runs are submitted as soon as all of its
+tuning runs are in, so workers stay busy. Every run goes to a temporary folder
 that is renamed into place after its done marker (:mod:`layerwise.experiments.rundirs`); a run that
 raises is recorded (``errors/<run id>.txt``) and the others go on.
 
@@ -12,23 +13,27 @@ A results folder belongs to one config (``ablation.json`` holds its hash). Anoth
 is refused unless ``force``, which moves the old results to ``superseded/`` (nothing is
 deleted). Resuming with the same config skips finished runs (done marker and matching
 spec hash) and redoes half-written ones.
+
+SIGTERM and SIGINT raise :class:`layerwise.experiments.signals.Interrupted` (a
+``KeyboardInterrupt``) in :func:`ablate`, at any phase: every worker is stopped before it
+propagates, the lock is released, and the folder resumes with the same command.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import traceback
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from layerwise.experiments.atomic import read_json, write_json, write_text
+from layerwise.experiments.backends import check_backend, open_executor
 from layerwise.experiments.config import AblationConfig
 from layerwise.experiments.errors import UsageError
 from layerwise.experiments.manifest import is_finished, read_done, versions, write_done
@@ -42,6 +47,7 @@ from layerwise.experiments.rundirs import (
     recover,
     supersede,
 )
+from layerwise.experiments.signals import acknowledge, acknowledging, stop_on_signals
 from layerwise.experiments.tuning import Tuner
 
 __all__ = ["AblationResult", "ablate", "run_one"]
@@ -61,20 +67,26 @@ class AblationResult:
     superseded: Path | None = None
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def run_one(
-    spec_data: dict[str, Any], runs_dir: str, cache_dir: str | None, config_hash: str
+    spec_data: dict[str, Any],
+    runs_dir: str,
+    cache_dir: str | None,
+    config_hash: str,
+    backend: str = "local",
 ) -> dict[str, Any]:
-    """Execute one run unless it is finished; never raises (errors come back as data)."""
+    """Execute one run unless it is finished; never raises (errors come back as data).
+    The done marker records ``backend`` and the ``host`` that ran it."""
     from layerwise.experiments.training import execute
 
     spec = RunSpec.from_dict(spec_data)
     runs = Path(runs_dir)
+    if not runs.is_dir():  # a cluster node that does not see the results folder
+        message = (
+            f"RuntimeError: the runs folder {runs_dir} does not exist on host "
+            f"{socket.gethostname()}; every worker must see --out at the same path "
+            "(shared storage)"
+        )
+        return {"error": message, "traceback": message + "\n"}
     final = runs / spec.run_id
     if is_finished(final, spec.hash):
         return {"skipped": True, **read_done(final)}
@@ -85,33 +97,13 @@ def run_one(
     temp = new_temp_dir(runs, spec.run_id)
     try:
         summary = execute(spec, temp, config_hash=config_hash, cache_dir=cache_dir)
+        summary.update(backend=backend, host=socket.gethostname())
         write_done(temp, spec.hash, summary)
         promote(temp, final)
     except Exception as exc:
         shutil.rmtree(temp, ignore_errors=True)
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     return {"skipped": False, **summary}
-
-
-class _InProcess:
-    """An executor that runs each submitted call at once, in this process."""
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
-        future: cf.Future = cf.Future()
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # KeyboardInterrupt included: re-raised by the caller
-            future.set_exception(exc)
-        finally:
-            torch.set_num_threads(threads)
-        return future
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
 
 
 def _claim(
@@ -171,24 +163,37 @@ def ablate(
     report: bool = True,
     config_text: str | None = None,
     cache_dir: str | Path | None = None,
+    backend: str = "local",
+    address: str | None = None,
 ) -> AblationResult:
-    """Run (or resume) the ablation ``config`` into the folder ``out`` (module docstring)."""
+    """Run (or resume) the ablation ``config`` into the folder ``out`` (module docstring)
+    on ``backend`` (``"local"`` or ``"ray"``, with the cluster ``address`` or a local Ray
+    of ``workers`` CPUs; :mod:`layerwise.experiments.backends`)."""
     if not isinstance(config, AblationConfig):
         raise TypeError(f"config must be an AblationConfig, got {type(config).__name__}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    check_backend(backend, address)
     _check_device(config.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = AblationResult(out=out)
-    with lock(out):
+    with stop_on_signals(), lock(out), acknowledging():
         _claim(out, config, force, config_text, result)
         runs = out / RUNS
         runs.mkdir(exist_ok=True)
         recover(runs)
         cache = Path(cache_dir) if cache_dir is not None else out / ".cache"
-        cache.mkdir(exist_ok=True)
-        _execute(config, out, runs, cache, workers, progress, result)
+        cache.mkdir(parents=True, exist_ok=True)
+        executor = open_executor(backend, workers, address)
+        try:
+            _execute(config, out, runs, cache, executor, progress, result)
+        except BaseException as exc:  # an interrupt included: no worker may outlive us
+            if isinstance(exc, KeyboardInterrupt):
+                acknowledge()  # in hand: no more repeats, a second Ctrl-C cannot cut this
+            executor.terminate()
+            raise
+        executor.shutdown()
     if report:
         from layerwise.experiments.reporting import write_report
 
@@ -198,7 +203,7 @@ def ablate(
     return result
 
 
-def _execute(config, out, runs, cache, workers, progress, result) -> None:
+def _execute(config, out, runs, cache, executor, progress, result) -> None:
     grids = lr_grid(config)
     tuner = Tuner(grids, config.tuning)  # the tuning rule: layerwise.experiments.tuning
     specs = {(s.group_key, s.lr, s.seed): s for s in tuning_specs(config)}
@@ -207,20 +212,19 @@ def _execute(config, out, runs, cache, workers, progress, result) -> None:
     result.total = len(tunes) + len(config.seeds) * len(grids)
     tuning_path = out / "tuning.json"
 
-    executor: Any = (
-        _InProcess()
-        if workers == 1
-        else cf.ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-        )
-    )
     bar = _Progress(result.total, enabled=progress)
     futures: dict[cf.Future, RunSpec] = {}
 
     def submit(spec: RunSpec) -> None:
-        futures[executor.submit(run_one, spec.to_dict(), str(runs), str(cache), config.hash)] = spec
+        future = executor.submit(  # absolute paths: a Ray worker has its own folder
+            run_one,
+            spec.to_dict(),
+            str(runs.absolute()),
+            str(cache.absolute()),
+            config.hash,
+            executor.name,
+        )
+        futures[future] = spec
 
     try:
         for spec in [*tunes, *ready]:
@@ -257,12 +261,8 @@ def _execute(config, out, runs, cache, workers, progress, result) -> None:
                         submit(final)
                 elif tuner.cells[key].status == "failed" and not tuner.cells[key].waiting:
                     bar.skip(len(config.seeds))
-    except BaseException:
-        executor.shutdown(wait=False, cancel_futures=True)
+    finally:
         bar.close()
-        raise
-    executor.shutdown(wait=True)
-    bar.close()
     write_json(tuning_path, tuner.to_json())
     result.chosen = tuner.to_json()["cells"]
 

@@ -6,6 +6,12 @@ policy's base rate tuned first on the same grid; ``--workers`` runs them in para
 processes. Interrupted? Run the same command again: finished runs are skipped. A folder
 holding another config's results is refused unless ``--force`` (which moves them aside to
 ``DIR/superseded/``; nothing is deleted).
+
+``--backend ray`` runs every run as a Ray task (a local Ray of ``--workers`` CPUs, or the
+cluster at ``--address``, whose nodes must see DIR at the same path); the results are
+those of the default ``--backend local``. SIGTERM or SIGINT (Ctrl-C) at any phase stops
+every worker and exits with 128 + the signal number after one line; run the same command
+again to resume.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ examples:
   layerwise ablate experiments/configs/full.toml --out runs/full --workers 8
   layerwise report runs/quickstart
 
-Exit codes: 0 every run finished, 1 some runs failed (see DIR/errors/), 2 bad config or
-arguments.
+  layerwise ablate full --out /shared/runs/full --backend ray --address head:6379
+
+Exit codes: 0 every run finished, 1 some runs failed (see DIR/errors/) or a backend is
+not installed, 2 bad config or arguments, 130 / 143 interrupted by SIGINT / SIGTERM
+(resumable).
 """
 
 
@@ -75,6 +84,19 @@ def register(subparsers: Any) -> None:
         help="parallel worker processes (default 1: run in this process)",
     )
     p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="where runs execute: local worker processes (default) or Ray tasks "
+        "(needs the 'ray' extra)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --backend ray: the cluster to join (e.g. head:6379, ray://head:10001, auto); "
+        "default: start a local Ray of --workers CPUs",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="use a folder holding another config's results (they are moved aside)",
@@ -91,10 +113,29 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from layerwise.experiments.signals import Interrupted, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return _run(args)
+    except Interrupted as exc:
+        print(
+            f"layerwise ablate: interrupted by {exc.signal_name}; every worker stopped, "
+            f"finished runs kept: run the same command to resume",
+            file=sys.stderr,
+        )
+        return exc.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from layerwise.experiments.backends import check_backend
     from layerwise.experiments.config import load_config
     from layerwise.experiments.reporting import text_summary
     from layerwise.experiments.runner import ablate
 
+    if args.address is not None and args.backend != "ray":
+        raise UsageError(f"--address {args.address!r} needs --backend ray")
+    check_backend(args.backend, args.address)  # a missing extra: one line, before any work
     path = resolve_config_path(args.config)
     config = load_config(path)
     if args.out.exists() and not args.out.is_dir():
@@ -108,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         report=not args.no_report,
         config_text=path.read_text(encoding="utf-8"),
         cache_dir=args.cache,
+        backend=args.backend,
+        address=args.address,
     )
     if result.superseded is not None:
         print(f"moved the previous results to {result.superseded}", file=sys.stderr)

@@ -1,19 +1,26 @@
 """Caches for generated data and pre-trained weights: in-process, and optionally on disk.
 
 Entries are keyed by a hash of everything that determines them (generator arguments,
-seeds, budgets), so a changed argument can never return a stale entry. Disk entries are
-written atomically (temporary file + ``os.replace``), so processes running in parallel
-may race to fill the same entry safely: both write the same bytes. A file that cannot be
-read back is recomputed and rewritten.
+seeds, budgets, versions), so a changed argument can never return a stale entry. Disk
+entries are written atomically (temporary file + ``os.replace``), so a reader sees a
+complete file or none, and they are computed once across processes: a process that finds
+no entry takes an exclusive lock on ``<entry>.lock`` next to it (``fcntl.flock``, which
+the kernel releases when its holder dies, so a killed process leaves no stale lock),
+looks again, and only then computes and writes; the others wait on the lock and read what
+it wrote. Where ``fcntl`` does not exist (Windows) processes do not wait for each other
+and may each compute the entry, as they would write the same bytes. A file that cannot
+be read back is recomputed and rewritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,12 @@ import torch
 
 from layerwise.experiments.atomic import atomic_write
 
-__all__ = ["cache_key", "cached_arrays", "cached_state_dict"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["cache_key", "cached_arrays", "cached_state_dict", "entry_lock"]
 
 _MEMORY: dict[tuple[str, str], Any] = {}
 _LOCK = threading.Lock()
@@ -40,6 +52,33 @@ def cache_key(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def entry_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (created if needed) for the block; wait
+    while another process holds it. The lock dies with its holder (``flock``); the lock
+    file itself is left in place, empty, for the next one. Without ``fcntl``, no lock."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    lock_path = Path(f"{path}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, or by the kernel on death
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path | None, load: Callable[[Path], Any]) -> Any:
+    """The entry at ``path``, or ``None`` if there is none or it cannot be read back."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return load(path)
+    except Exception:  # unreadable (truncated by hand, other version): recompute
+        return None
+
+
 def _cached(
     stem: str,
     key: str,
@@ -52,18 +91,17 @@ def _cached(
     with _LOCK:
         if (stem, key) in _MEMORY:
             return _MEMORY[(stem, key)]
-    value = None
     path = None if cache_dir is None else Path(cache_dir) / f"{stem}-{key}{suffix}"
-    if path is not None and path.is_file():
-        try:
-            value = load(path)
-        except Exception:  # unreadable (truncated by hand, other version): recompute
-            value = None
-    if value is None:
+    value = _read(path, load)
+    if value is None and path is None:
         value = compute()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda handle: save(value, handle))
+    elif value is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with entry_lock(path):
+            value = _read(path, load)  # written by another process while we waited
+            if value is None:
+                value = compute()
+                atomic_write(path, lambda handle: save(value, handle))
     with _LOCK:
         _MEMORY[(stem, key)] = value
     return value

@@ -8,7 +8,12 @@ ones.
   trained with Adam (lr 1e-2, batches of 100, ``pretrain_steps`` steps, seed
   ``pretrain_seed``) on every MNIST-1D training example of digits 0-4. Deterministic; the
   weights are cached in-process and, once the data have been loaded with a cache folder,
-  on disk, keyed by a hash of every pre-training setting.
+  on disk, keyed by a hash of every pre-training setting, the data generator's arguments
+  and the versions of the project, torch, numpy and mnist1d. The disk entry is shared by
+  the workers of an ablation (the local pool's processes, Ray tasks on shared storage):
+  the first to ask trains the trunk under a lock, the others wait and load it, so it is
+  trained once per (settings, seed), not once per worker
+  (:func:`layerwise.experiments.tasks.cache.entry_lock`).
 * Fine-tuning data: digits 5-9 (relabelled 0-4). ``val_size`` examples of the training
   split's digits 5-9 form the validation split and the next ``finetune_train`` the
   (deliberately small) training split; the test split is the test examples of 5-9.
@@ -36,47 +41,85 @@ def _arrays():
     return load_arrays(cache_dir=_CACHE_DIR["dir"])
 
 
-def pretrain(steps: int = 1000, seed: int = 0, lr: float = 1e-2, batch_size: int = 100):
-    """``state_dict`` of the CNN (5 outputs) pre-trained on MNIST-1D digits 0-4 (cached)."""
+def _versions() -> dict[str, str]:
+    """Versions of what the trunk's weights depend on: the project's code, torch and numpy
+    (the arithmetic), mnist1d (the data)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import numpy
+
+    from layerwise.experiments import __version__
+
+    try:
+        mnist1d = version("mnist1d")
+    except PackageNotFoundError:  # pragma: no cover - imported from a source tree
+        mnist1d = "unknown"
+    return {
+        "layerwise-lr": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "numpy": numpy.__version__,
+        "mnist1d": mnist1d,
+    }
+
+
+def _train_trunk(steps: int, seed: int, lr: float, batch_size: int) -> dict[str, torch.Tensor]:
+    """Pre-train the CNN (5 outputs) on digits 0-4: Adam, batches drawn without replacement
+    from a permutation reshuffled every epoch, all of it seeded by ``seed``."""
+    arrays = _arrays()
+    x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
+    keep = y < 5
+    x, y = x[keep], y[keep]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CNN(output_size=5)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        perm = torch.randperm(len(x), generator=generator)
+        cursor = 0
+        for _ in range(steps):
+            if cursor + batch_size > len(x):
+                perm, cursor = torch.randperm(len(x), generator=generator), 0
+            index = perm[cursor : cursor + batch_size]
+            cursor += batch_size
+            loss = cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def pretrain(
+    steps: int = 1000,
+    seed: int = 0,
+    lr: float = 1e-2,
+    batch_size: int = 100,
+    cache_dir: Path | None = None,
+):
+    """``state_dict`` of the CNN (5 outputs) pre-trained on MNIST-1D digits 0-4, from the
+    in-process cache, the disk cache under ``cache_dir`` (default: the folder the task's
+    data were loaded with) or trained now, once across processes (module docstring)."""
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    if cache_dir is not None:
+        _CACHE_DIR["dir"] = Path(cache_dir)
     spec = {
         "data": default_args(),
         "steps": steps,
         "seed": seed,
         "lr": lr,
         "batch": batch_size,
-        "torch": torch.__version__.split("+")[0],
+        "versions": _versions(),
         "model": "CNN(5)",
     }
-
-    def compute() -> dict[str, torch.Tensor]:
-        arrays = _arrays()
-        x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
-        keep = y < 5
-        x, y = x[keep], y[keep]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = CNN(output_size=5)
-            generator = torch.Generator().manual_seed(seed)
-            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-            perm = torch.randperm(len(x), generator=generator)
-            cursor = 0
-            for _ in range(steps):
-                if cursor + batch_size > len(x):
-                    perm, cursor = torch.randperm(len(x), generator=generator), 0
-                index = perm[cursor : cursor + batch_size]
-                cursor += batch_size
-                loss = cross_entropy(model(x[index]), y[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    return cached_state_dict("mnist1d-pretrain", spec, compute, _CACHE_DIR["dir"])
+    return cached_state_dict(
+        "mnist1d-pretrain",
+        spec,
+        lambda: _train_trunk(steps, seed, lr, batch_size),
+        _CACHE_DIR["dir"],
+    )
 
 
 class _Model:
