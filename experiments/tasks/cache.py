@@ -88,10 +88,16 @@ def _cached(
     save: Callable[[Any, io.BufferedIOBase], None],
     load: Callable[[Path], Any],
 ) -> Any:
-    with _LOCK:
-        if (stem, key) in _MEMORY:
-            return _MEMORY[(stem, key)]
     path = None if cache_dir is None else Path(cache_dir) / f"{stem}-{key}{suffix}"
+    with _LOCK:
+        value = _MEMORY.get((stem, key))
+    if value is not None:
+        if path is not None and not path.is_file():  # known here, not yet in this folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with entry_lock(path):
+                if not path.is_file():
+                    atomic_write(path, lambda handle: save(value, handle))
+        return value
     value = _read(path, load)
     if value is None and path is None:
         value = compute()
