@@ -13,8 +13,9 @@ forward + backward pass and never form H.
   outlives the call, so memory is bounded by the chunk.
 * ``"vjp"`` (reverse over reverse): the forward pass and the first backward pass run once,
   on the first call, and their graph is kept; every chunk then costs one batched second
-  backward pass (on the CPU, one second backward pass per probe, which costs less there). Cheaper when there are many chunks, at the memory cost of holding the
-  graph of the first backward pass until the product object is released.
+  backward pass (on the CPU, one second backward pass per probe, which costs less there).
+  Cheaper when there are many chunks, at the memory cost of holding the graph of the first
+  backward pass until the product object is released.
 * ``"auto"``: ``"vjp"`` on CPU, where it measured faster in every configuration of
   ``python -m layerwise.experiments.benchmarks.sensitivity`` (MLP and CNN, batch 32 and 128:
   0.85-1.6

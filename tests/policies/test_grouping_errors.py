@@ -125,7 +125,8 @@ def test_role_on_a_tied_head_names_the_tie_and_the_fix():
         TiedLM(),
         "role",
     )
-    _raises(ValueError, r"head: no parameter matches \['lm_hat'\]$", TiedLM(), "role", head="lm_hat")
+    unknown = r"head: no parameter matches \['lm_hat'\]$"
+    _raises(ValueError, unknown, TiedLM(), "role", head="lm_hat")
 
 
 def test_role_with_a_frozen_head():
