@@ -207,7 +207,7 @@ def _timm_resnetv2() -> nn.Module:
 
     return ResNetV2(
         layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), num_classes=CLASSES, stem_chs=8,
-        preact=True, basic=True,
+        preact=True, basic=True, norm_layer="batchnorm",
     )  # fmt: skip
 
 

@@ -3,6 +3,8 @@ them: a module with functions that build the model and return the batches."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .cases import CASES, causal_lm_loss
@@ -28,7 +30,10 @@ def token_batches() -> list[dict[str, torch.Tensor]]:
     return [case.batch(torch.Generator().manual_seed(seed)) for seed in range(4)]
 
 
-def labelled_token_batches() -> list[dict[str, torch.Tensor]]:
+def labelled_token_batches() -> list[Any]:
     """The batches of :func:`token_batches` with ``labels`` (the inputs: a causal LM shifts
-    them itself), for the model's own ``.loss``."""
-    return [{**b, "labels": b["input_ids"]} for b in token_batches()]
+    them itself), for the model's own ``.loss``, as the ``BatchEncoding`` (a ``UserDict``,
+    not a dict) that a tokenizer returns."""
+    from transformers import BatchEncoding
+
+    return [BatchEncoding({**b, "labels": b["input_ids"]}) for b in token_batches()]

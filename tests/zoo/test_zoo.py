@@ -113,7 +113,7 @@ def test_ten_engine_steps_under_every_rule(case, rule):
     assert all(math.isfinite(m) and m > 0 for m in opt.multipliers.values())
     params = [p for g in opt.param_groups for p in g["params"]]
     assert all(torch.isfinite(p).all() for p in params)
-    moved = any(m != 1.0 for m in opt.multipliers.values())
+    moved = any(abs(m - 1.0) > 1e-9 for m in opt.multipliers.values())  # 1 up to rounding
     if rule == "uniform":
         assert not moved
     elif rule == "noise" and (history["noise_to_signal"] == math.inf).all():

@@ -52,7 +52,7 @@ def test_analyze_defaults_to_the_models_own_loss_for_dict_batches():
     doc = json.loads(run.stdout)
     manifest = doc["manifest"]
     assert manifest["loss"].startswith("model(**batch).loss")
-    batch = cli.labelled_token_batches()[0]
+    batch = dict(cli.labelled_token_batches()[0])
     with torch.no_grad():
         expected = float(cli.llama()(**batch).loss)
     assert math.isclose(manifest["first_batch_loss"], expected, rel_tol=1e-5)
