@@ -91,8 +91,8 @@ def loss_gradient(
 def _probe_by_probe(vjp_fn: Callable[..., Any], probes: Params) -> Params:
     """``vmap(vjp_fn)(probes)[0]`` as a loop over the probes: on the CPU, one second
     backward pass per probe costs less than the batched one for every model but the
-    smallest (``python -m layerwise.experiments.benchmarks.zoo --hvp``: ResNet-18 with
-    BatchNorm 1.8 against 3.2 units per probe; convolutions with a batched weight run as
+    smallest (``python -m layerwise.experiments.benchmarks.zoo --section resnet``: ResNet-18 with
+    BatchNorm 1.9 against 2.7 to 3.3 units per probe; convolutions with a batched weight run as
     grouped convolutions, slower than the same convolutions one at a time)."""
     count = next(iter(probes.values())).shape[0]
     rows = [vjp_fn({n: v[k] for n, v in probes.items()})[0] for k in range(count)]
