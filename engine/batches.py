@@ -13,12 +13,17 @@ nothing is replayed; any other iterable is replayed batch by batch, which for a 
 
 from __future__ import annotations
 
+import contextlib
+import random
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
+
 from layerwise.policies.schedule_base import check_int
 
-__all__ = ["BatchSource"]
+__all__ = ["BatchSource", "random_streams_kept"]
 
 
 class BatchSource:
@@ -70,6 +75,15 @@ class BatchSource:
         self._position = self.drawn
         return batch
 
+    def peek(self) -> Any:
+        """A batch to check, without counting it: the one :meth:`next` gives next for a
+        sequence; else the first batch of a fresh iterator, drawn with the global random
+        streams kept as they were; ``None`` if the iterable yields nothing."""
+        if isinstance(self.batches, Sequence):
+            return self.batches[self.drawn % len(self.batches)] if len(self.batches) else None
+        with random_streams_kept():
+            return next(iter(self.batches), None)
+
     def _skip(self) -> None:
         assert self._iterator is not None
         try:
@@ -103,3 +117,19 @@ class BatchSource:
             return check_int("batches state['drawn']", state["drawn"], minimum=0)
         except TypeError as err:
             raise ValueError(str(err)) from err
+
+
+@contextlib.contextmanager
+def random_streams_kept() -> Iterator[None]:
+    """Keep the global random streams (torch on the CPU, Python's ``random``, NumPy's if
+    loaded) as they were, e.g. while a data loader yields a batch to peek at."""
+    python = random.getstate()
+    numpy = sys.modules.get("numpy")
+    saved = None if numpy is None else numpy.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            if numpy is not None:
+                numpy.random.set_state(saved)

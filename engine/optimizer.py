@@ -114,6 +114,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         max_nonfinite_steps: int >= 1, how many steps in a row may have non-finite
             gradients (each skipped) before :class:`layerwise.engine.NonFiniteGradientError`
             (default :data:`layerwise.engine.nonfinite.DEFAULT_MAX_NONFINITE_STEPS` = 10).
+        preflight: with a controller, check on the first batch seen (the first
+            ``step(batch)``'s or the first of ``batches=``), before the first base step,
+            that the estimate works for this model and these options: one small estimate
+            (one probe, a few examples; :mod:`layerwise.engine.preflight`). Failing, it
+            raises :class:`layerwise.engine.PreflightError` naming the module and the fix.
+            A model that cannot be estimated at all (meta or inference tensors, integer
+            parameters in the groups) is refused at construction whatever this says.
 
     Removed: ``schedule=`` and ``factors=`` (use :class:`layerwise.policies.LayerwiseLR`),
     ``history=`` (use ``callback=HistoryFile(path)`` from ``layerwise.experiments``); each
@@ -146,6 +153,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         callback: Any = None,
         seed: int = 0,
         max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
+        preflight: bool = True,
         **removed: Any,
     ) -> None:
         for key in removed:
@@ -163,6 +171,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.recalibrate_every = check_int("recalibrate_every", recalibrate_every, minimum=1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         check_int("seed", seed, minimum=0)
+        if not isinstance(preflight, bool):
+            raise TypeError(f"preflight must be a bool, got {preflight!r}")
         nonfinite = NonFiniteSteps(max_nonfinite_steps)
         # Everything is checked before anything is written into the user's optimizer.
         self._names = name_groups(optimizer.param_groups, assign=False)
@@ -184,6 +194,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._nonfinite = nonfinite
         self._step = 0
         self._backups: dict[int, torch.Tensor] = {}
+        self._preflight_pending = preflight and self._recalibrator is not None
+        self._peek = True  # the first batch may be peeked from batches=
 
     # -- delegation -------------------------------------------------------------------
     @property
@@ -248,6 +260,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """
         if closure is None and callable(batch):
             batch, closure = None, batch
+        if self._preflight_pending:
+            self._check_first_batch(batch)
         found_inf = self.__dict__.get("found_inf")
         nonfinite = None
         if found_inf is None:  # else GradScaler checked the gradients and skips for us
@@ -295,6 +309,21 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._log(record)
         if counts.exhausted:
             raise counts.error(names, self._step, self.get_last_lr())
+
+    def _check_first_batch(self, batch: Any) -> None:
+        """The dry run on the first batch seen (:mod:`layerwise.engine.preflight`), before
+        the base step; deferred while there is none (no ``batch``, no ``batches=``)."""
+        assert self._recalibrator is not None
+        if batch is None and self._source is not None and self._peek:
+            try:
+                batch = self._source.peek()
+            except Exception:  # not yet (a trainer's current batch): wait for step(batch)
+                self._peek = False
+        if batch is None:
+            return
+        self._preflight_pending = False
+        first = self.warmup_steps or self.recalibrate_every
+        self._recalibrator.preflight(batch, self._step, first)
 
     def _due(self, s: int) -> bool:
         return s >= self.warmup_steps and (s - self.warmup_steps) % self.recalibrate_every == 0

@@ -31,6 +31,7 @@ from torch import nn
 from layerwise.engine.multipliers import MULTIPLIER_KEY, check_multiplier, effective_lr
 from layerwise.engine.naming import parameter_mapping, unwrap_model
 from layerwise.engine.options import estimator_options, make_controller, samples_behind
+from layerwise.engine.preflight import check_model, dry_run
 from layerwise.policies.schedule_base import check_int
 from layerwise.sensitivity.ggn import output_loss
 
@@ -88,7 +89,9 @@ class Recalibrator:
         self.optimizer, self.model, self.loss_fn = optimizer, model, loss_fn
         self.module = unwrap_model(model)
         self.mapping = parameter_mapping(model, optimizer.param_groups)
+        check_model(self.module)  # what can be refused without a batch
         self.options, self.runtime = estimator_options(estimator, self.controller)
+        self.variance_fallback: str | None = None
         if "ggn_trace" in self.options.quantities:  # refused now, not at the first recalibration
             output_loss(loss_fn)
         self.seed = check_int("seed", seed, minimum=0)
@@ -99,6 +102,23 @@ class Recalibrator:
     def refresh_mapping(self) -> None:
         """Rebuild ``{group: [parameter names]}`` after groups changed."""
         self.mapping = parameter_mapping(self.model, self.optimizer.param_groups)
+
+    def preflight(self, batch: Any, step: int, first: int) -> None:
+        """The first batch's dry run (:mod:`layerwise.engine.preflight`); what the estimator
+        chose by itself there, the recalibrations use from the start."""
+        report = dry_run(
+            self.module, self.loss_fn, batch, self.mapping, self.options, self.runtime,
+            step, first,
+        )  # fmt: skip
+        self._adopt(report)
+
+    def _adopt(self, report: Any) -> None:
+        """Keep micro-batch statistics once ``variance="auto"`` fell back to them (the
+        per-example attempt would fail again at every recalibration)."""
+        why = report.settings.get("variance_fallback")
+        if why and self.options.variance == "auto":
+            self.options = self.options.replace(variance="micro_batch")
+            self.variance_fallback = why
 
     # -- the recalibration ------------------------------------------------------------------
     def run(self, batch: Any, step: int, found_inf: torch.Tensor | None) -> Recalibration:
@@ -141,6 +161,7 @@ class Recalibrator:
                 generator=self.generator,
                 **self.runtime,
             )
+        self._adopt(report)
         if not distributed:
             return report
         size = int(report.cost.examples)

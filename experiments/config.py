@@ -33,7 +33,10 @@ Schema (every key but ``tasks``, ``policies`` and ``seeds`` is optional)::
     probes = 8                          # (0 switches it off)
 
     [settings.NAME]                     # optional variants crossed with everything else:
-    schedule = { name = "constant" }    #   schedule, grouping and task overrides
+    schedule = { name = "constant" }    #   schedule, grouping and task overrides,
+    options = { label_noise = 0.2 }     #   task factory options (a data regime), and the
+    sam = { rho = 0.05 }                #   update keys every policy takes (sam,
+                                        #   normalize_grads; experiments.policy_specs)
 
 Every problem raises :class:`~layerwise.experiments.errors.UsageError` with one line naming the
 file, the key and the value. The config hash is the SHA-256 of the parsed TOML as
@@ -60,6 +63,7 @@ from layerwise.experiments.config_sections import (
     parse_policies,
     parse_settings,
     parse_tasks,
+    setting_parts,
     substitute_budget,
 )
 from layerwise.experiments.errors import UsageError
@@ -149,13 +153,13 @@ def _check_setting_overrides(
     from layerwise.experiments.tasks import get_task
 
     for name, variant in settings.items():
-        overrides = {k: v for k, v in variant.items() if k not in ("schedule", "grouping")}
-        if not overrides:
+        parts = setting_parts(variant)
+        if not (parts.overrides or parts.options):
             continue
         for i, entry in enumerate(tasks):
             try:
-                get_task(entry.name, **entry.options).with_overrides(
-                    **{**entry.overrides, **overrides}
+                get_task(entry.name, **{**entry.options, **parts.options}).with_overrides(
+                    **{**entry.overrides, **parts.overrides}
                 )
             except (UsageError, ValueError, TypeError) as exc:
                 raise fail(source, f"settings.{name} on tasks[{i}] ({entry.label}): {exc}") from exc

@@ -29,6 +29,7 @@ __all__ = [
     "parse_policies",
     "parse_settings",
     "parse_tasks",
+    "setting_parts",
     "substitute_budget",
 ]
 
@@ -43,6 +44,8 @@ TASK_OVERRIDES = {
     "momentum",
 }
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+#: Keys of a setting that change every policy's update (see experiments.policy_specs).
+SETTING_UPDATE_KEYS = ("sam", "normalize_grads")
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,16 @@ def parse_settings(source: str, value: Any) -> dict[str, dict[str, Any]]:
     for name, table in settings.items():
         check_label(source, "setting name", name)
         table = as_table(source, f"settings.{name}", table)
-        unknown = set(table) - {"schedule", "grouping", *TASK_OVERRIDES}
+        known = {"schedule", "grouping", "options", *SETTING_UPDATE_KEYS, *TASK_OVERRIDES}
+        unknown = set(table) - known
         if unknown:
-            raise fail(source, f"settings.{name}: unknown key(s) {sorted(unknown)}")
+            known_text = ", ".join(sorted(known))
+            raise fail(
+                source, f"settings.{name}: unknown key(s) {sorted(unknown)}; known: {known_text}"
+            )
+        if "options" in table:
+            as_table(source, f"settings.{name}.options", table["options"])
+        _check_setting_update(source, name, table)
         if "schedule" in table:
             check_schedule(
                 source,
@@ -190,6 +200,43 @@ def parse_settings(source: str, value: Any) -> dict[str, dict[str, Any]]:
             )
         out[name] = table
     return out
+
+
+def _check_setting_update(source: str, name: str, table: Mapping[str, Any]) -> None:
+    from layerwise.experiments.policy_specs import resolve_policy
+
+    update = {k: table[k] for k in SETTING_UPDATE_KEYS if k in table}
+    if update:
+        try:
+            resolve_policy("uniform", update)
+        except ValueError as exc:
+            message = str(exc).replace("policy 'uniform': ", "")
+            raise fail(source, f"settings.{name}: {message}") from exc
+
+
+@dataclass(frozen=True)
+class SettingParts:
+    """A setting split by what it changes: the task's ``options`` (its factory's keyword
+    arguments, e.g. a data regime), its budget and recipe ``overrides``, and ``update``,
+    the update keys merged into every policy's spec (``sam``, ``normalize_grads``)."""
+
+    options: dict[str, Any]
+    overrides: dict[str, Any]
+    update: dict[str, Any]
+
+
+def setting_parts(variant: Mapping[str, Any]) -> SettingParts:
+    """Split a validated setting table (schedule and grouping are read separately).
+
+    >>> parts = setting_parts({"options": {"label_noise": 0.2}, "steps": 100, "sam": {"rho": 0.1}})
+    >>> parts.options, parts.overrides, parts.update
+    ({'label_noise': 0.2}, {'steps': 100}, {'sam': {'rho': 0.1}})
+    """
+    return SettingParts(
+        options=dict(variant.get("options", {})),
+        overrides={k: v for k, v in variant.items() if k in TASK_OVERRIDES},
+        update={k: v for k, v in variant.items() if k in SETTING_UPDATE_KEYS},
+    )
 
 
 def substitute_budget(spec: Any, steps: int) -> Any:

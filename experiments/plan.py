@@ -93,19 +93,20 @@ class RunSpec:
 
 
 def _cells(config: AblationConfig) -> Iterable[tuple[Any, str, dict, str, dict, Any]]:
+    from layerwise.experiments.config_sections import setting_parts
     from layerwise.experiments.tasks import get_task
 
     for entry in config.tasks:
         for setting, variant in config.settings.items():
-            overrides = {
-                **entry.overrides,
-                **{k: v for k, v in variant.items() if k not in ("schedule", "grouping")},
-            }
-            task = get_task(entry.name, **entry.options).with_overrides(**overrides)
+            parts = setting_parts(variant)
+            overrides = {**entry.overrides, **parts.overrides}
+            options = {**entry.options, **parts.options}
+            task = get_task(entry.name, **options).with_overrides(**overrides)
             schedule = variant.get("schedule", config.schedule)
             grouping = variant.get("grouping", config.grouping)
             for policy, spec in config.policies.items():
-                yield entry, setting, overrides, policy, spec, (task, schedule, grouping)
+                spec = {**spec, **parts.update}
+                yield entry, setting, overrides, policy, spec, (task, schedule, grouping, options)
 
 
 def lr_grid(config: AblationConfig) -> dict[tuple[str, str, str], tuple[float, ...]]:
@@ -114,7 +115,7 @@ def lr_grid(config: AblationConfig) -> dict[tuple[str, str, str], tuple[float, .
 
 
 def _spec(config, entry, setting, overrides, policy, spec, extra, kind, seed, lr, steps):
-    task, schedule, grouping = extra
+    task, schedule, grouping, options = extra
     overrides = dict(overrides)
     if steps is not None:
         overrides["steps"] = steps
@@ -127,7 +128,7 @@ def _spec(config, entry, setting, overrides, policy, spec, extra, kind, seed, lr
         seed=seed,
         lr=lr,
         policy_spec=spec,
-        task_options=dict(entry.options),
+        task_options=dict(options),
         overrides=overrides,
         schedule=substitute_budget(schedule, overrides.get("steps", task.budget.steps)),
         grouping=dict(grouping),

@@ -16,6 +16,16 @@ A policy spec is a small dict with a ``kind``:
   :class:`layerwise.sensitivity.EstimateOptions`: ``probes``...), and the engine's
   ``recalibrate_every`` and ``warmup_steps``.
 
+Every kind also takes two keys that change how each step is taken, and so compose with
+any of the above (:func:`wrap_optimizer` applies them to the task's optimizer, under the
+engine):
+
+* ``sam = { rho = 0.05 }``: sharpness-aware steps (:class:`layerwise.engine.SAM`, Foret et
+  al. 2021): each step is taken with the gradient at ``w + rho g/‖g‖``, at the cost of a
+  second forward and backward pass per step (the training loop passes the closure);
+* ``normalize_grads = true``: each group's gradient divided by its norm before the step
+  (:class:`layerwise.engine.NormalizedGradients`), so a group's step size is its rate.
+
 :data:`PRESETS` names the policies of the study; a config may list them by name, or
 override a preset's keys in a ``[policies.NAME]`` table. ``curvature_ggn`` is the curvature
 controller on the Gauss-Newton trace (``ggn_trace``, sampled labels), which needs the task's
@@ -27,10 +37,20 @@ rate is never part of a policy: it is tuned per policy from the task's grid.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["KINDS", "PRESETS", "build_controller", "build_policy", "resolve_policy"]
+__all__ = [
+    "KINDS",
+    "PRESETS",
+    "UPDATE_KEYS",
+    "build_controller",
+    "build_policy",
+    "resolve_policy",
+    "uses_closure",
+    "wrap_optimizer",
+]
 
 KINDS = ("uniform", "layer_decay", "discriminative", "factors", "controller")
 
@@ -53,7 +73,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         rule: {"kind": "controller", "rule": rule, **copy.deepcopy(_CONTROLLER_DEFAULTS)}
         for rule in ("trust_ratio", "curvature", "curvature_ggn", "noise", "curvature+noise")
     },
+    "sam": {"kind": "uniform", "sam": {"rho": 0.05}},
+    "normalized": {"kind": "uniform", "normalize_grads": True},
 }
+
+#: Keys every kind takes: how each step is taken (module docstring).
+UPDATE_KEYS = frozenset({"sam", "normalize_grads"})
+_SAM_KEYS = {"rho"}
 
 _KEYS = {
     "uniform": {"kind"},
@@ -98,11 +124,11 @@ def resolve_policy(name: str, table: Mapping[str, Any] | None = None) -> dict[st
         raise ValueError(f"policy {name!r}: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
     if kind == "controller":
         spec = {**copy.deepcopy(_CONTROLLER_DEFAULTS), **spec}
-    unknown = set(spec) - _KEYS[kind]
+    unknown = set(spec) - _KEYS[kind] - UPDATE_KEYS
     if unknown:
         raise ValueError(
             f"policy {name!r}: unknown key(s) {sorted(unknown)} for kind {kind!r}; "
-            f"known: {sorted(_KEYS[kind])}"
+            f"known: {sorted(_KEYS[kind] | UPDATE_KEYS)}"
         )
     _validate(name, spec)
     return spec
@@ -117,9 +143,23 @@ def _flat_controller(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"policy {name!r}: {exc}") from exc
 
 
+def _check_update(spec: Mapping[str, Any]) -> None:
+    """``sam`` a table with a positive finite ``rho``; ``normalize_grads`` a boolean."""
+    if "sam" in spec:
+        sam = spec["sam"]
+        if not isinstance(sam, Mapping) or set(sam) != _SAM_KEYS:
+            raise ValueError(f"sam must be a table {{ rho = ... }}, got {sam!r}")
+        rho = sam["rho"]
+        if isinstance(rho, bool) or not isinstance(rho, int | float) or not 0 < rho < math.inf:
+            raise ValueError(f"sam.rho must be a positive finite number, got {rho!r}")
+    if not isinstance(spec.get("normalize_grads", False), bool):
+        raise ValueError(f"normalize_grads must be true or false, got {spec['normalize_grads']!r}")
+
+
 def _validate(name: str, spec: dict[str, Any]) -> None:
     kind = spec["kind"]
     try:
+        _check_update(spec)
         if kind == "controller":
             if "rule" not in spec:
                 raise ValueError("a controller policy needs a 'rule'")
@@ -213,3 +253,29 @@ def build_policy(spec: Mapping[str, Any], groups: Any) -> dict[str, Any]:
     elif kind != "uniform":
         raise ValueError(f"spec: unknown policy kind {kind!r}")
     return out
+
+
+def uses_closure(spec: Mapping[str, Any]) -> bool:
+    """Whether the optimizer of ``spec`` needs ``step(batch, closure)`` (SAM does: its
+    closure re-evaluates the loss and its gradients at the perturbed parameters)."""
+    return "sam" in spec
+
+
+def wrap_optimizer(spec: Mapping[str, Any], optimizer: Any) -> Any:
+    """``optimizer`` wrapped for the update keys of ``spec`` (module docstring):
+    ``SAM(NormalizedGradients(optimizer))`` with both, one of them, or ``optimizer`` itself
+    with neither. SAM is outermost, so the gradient at the perturbed point is the one
+    normalised. The engine wraps the result.
+
+    >>> import torch
+    >>> sgd = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    >>> type(wrap_optimizer(resolve_policy("sam"), sgd)).__name__
+    'SAM'
+    """
+    from layerwise import engine
+
+    if spec.get("normalize_grads", False):
+        optimizer = engine.NormalizedGradients(optimizer)
+    if "sam" in spec:
+        optimizer = engine.SAM(optimizer, rho=spec["sam"]["rho"])
+    return optimizer

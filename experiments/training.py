@@ -13,7 +13,8 @@
    split reshuffled every epoch (a ``torch.Generator`` seeded with the run seed, so two
    runs with the same seed see the same batches in the same order); each step is
    ``zero_grad``, ``loss_fn(model, batch).backward()``, ``opt.step(batch)`` (the batch
-   feeds a recalibration when one is due) and ``scheduler.step()``. At step 0, every
+   feeds a recalibration when one is due; a SAM policy passes a closure that evaluates the
+   loss again, ``opt.step(batch, closure)``) and ``scheduler.step()``. At step 0, every
    ``eval_every`` steps and at the last step an :class:`~layerwise.experiments.evaluation.Evaluator`
    appends a row to ``metrics.csv``/``metrics.jsonl`` (validation loss and metric, per-group
    rates, multipliers, gradient norms and the optional sensitivity monitor; see
@@ -42,6 +43,7 @@ from layerwise.experiments.atomic import atomic_write
 from layerwise.experiments.evaluation import Evaluator, MeanLoss, SensitivityMonitor
 from layerwise.experiments.manifest import build_manifest, write_manifest
 from layerwise.experiments.plan import RunSpec
+from layerwise.experiments.policy_specs import uses_closure, wrap_optimizer
 from layerwise.experiments.statistics import steps_to_target
 
 __all__ = ["execute"]
@@ -147,13 +149,15 @@ def _group_parameters(spec: RunSpec, task, model: torch.nn.Module):
 
 def _optimizers(spec: RunSpec, task, model, groups, built: dict[str, Any]):
     """``(engine, scheduler)``: the task's optimizer at rate ``spec.lr`` in every group,
-    wrapped in the engine (controller, recalibration and estimator settings of the policy),
+    wrapped for the policy's update keys (SAM, normalised gradients:
+    :func:`layerwise.experiments.policy_specs.wrap_optimizer`), then in the engine
+    (controller, recalibration and estimator settings of the policy),
     and a :class:`layerwise.policies.LayerwiseLR` giving group ``g`` the base rate
     ``spec.lr * factor_g * schedule(t)``, stepped after every optimizer step."""
     from layerwise import engine, policies
 
     param_groups = groups.to_optimizer_groups(lr=spec.lr, weight_decay=task.recipe.weight_decay)
-    optimizer = task.recipe.build(param_groups, spec.lr)
+    optimizer = wrap_optimizer(spec.policy_spec, task.recipe.build(param_groups, spec.lr))
     extra = {k: built[k] for k in ("recalibrate_every", "warmup_steps", "estimator") if k in built}
     opt = engine.LayerwiseOptimizer(
         optimizer,
@@ -175,6 +179,7 @@ def _train(spec: RunSpec, run: _Run, evaluate: Evaluator, run_dir: Path):
     losses = MeanLoss(run.device)
     rows = [evaluate(0, batches.epoch, losses)]
     _write_metrics(run_dir, rows)
+    sam = uses_closure(spec.policy_spec)
     run.model.train()
     for step in range(1, budget.steps + 1):
         batch = batches.next()
@@ -182,7 +187,7 @@ def _train(spec: RunSpec, run: _Run, evaluate: Evaluator, run_dir: Path):
         loss = run.task.loss_fn(run.model, batch)
         loss.backward()
         try:
-            run.opt.step(batch)
+            run.opt.step(batch, _Closure(run, batch) if sam else None)
         except NonFiniteGradientError:
             losses.add(loss)
             rows.append(evaluate(step, batches.epoch, losses))
@@ -197,6 +202,19 @@ def _train(spec: RunSpec, run: _Run, evaluate: Evaluator, run_dir: Path):
             if not (math.isfinite(rows[-1]["train_loss"]) and math.isfinite(rows[-1]["val_loss"])):
                 return rows, "diverged"
     return rows, "ok"
+
+
+class _Closure:
+    """The loss of ``batch`` with its gradients, again: what SAM evaluates at the perturbed
+    parameters (it zeroes the gradients first)."""
+
+    def __init__(self, run: _Run, batch):
+        self.run, self.batch = run, batch
+
+    def __call__(self) -> torch.Tensor:
+        loss = self.run.task.loss_fn(self.run.model, self.batch)
+        loss.backward()
+        return loss
 
 
 class _Batches:

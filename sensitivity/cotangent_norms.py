@@ -61,7 +61,7 @@ def cotangent_sq_norms(
     check_int("size", size, 1)
     live = {n: v.detach().requires_grad_(True) for n, v in values.items()}
     capture = _Capture(live, size)
-    with capture.hooks(function.model), torch.enable_grad():
+    with capture.hooks(function), torch.enable_grad():
         out = function.evaluate(live, batch)
     calls = capture.calls
     ok = isinstance(out, torch.Tensor) and out.requires_grad and out.dim() > 0
@@ -81,6 +81,8 @@ def cotangent_sq_norms(
     ]
     inputs = [*live.values(), *drive]
     sums: dict[str, list[torch.Tensor]] = {n: [] for n in live}
+    # per parameter: what depends on the layers' inputs alone, the same for every cotangent
+    memos: dict[str, dict[Any, Any]] = {n: {} for n in live}
     for k in range(cots.shape[0]):
         for call in calls:
             call.delta = None
@@ -100,7 +102,9 @@ def cotangent_sq_norms(
                 terms[name].append(made[local])
                 budget[name] += call.elements
         for n, v in live.items():
-            done = example_sq_norms_and_dots(terms[n], v, size, budget[n], chunk, dots=False)
+            done = example_sq_norms_and_dots(
+                terms[n], v, size, budget[n], chunk, dots=False, memo=memos[n]
+            )
             if done is None:
                 return None
             sums[n].append(done[0].sum())

@@ -23,6 +23,14 @@ memory-efficient ``scaled_dot_product_attention`` kernels used by
 then names an aten operator, which is hard to map back to a layer; this module records
 which module of the model runs which operator during one forward pass and names the
 culprit.
+
+:class:`PerExampleGradientError` (a :class:`NotMeasurableError`) names a module whose
+per-example gradients (``vmap`` of ``grad``) hit code that ``vmap`` cannot batch: a
+``.item()`` or a tensor in Python control flow (Hugging Face attention-mask helpers check
+whether a mask is all ones), an operator whose output shape depends on the data
+(``nonzero``, boolean indexing). ``variance="auto"`` falls back to micro-batch statistics
+instead (:mod:`layerwise.sensitivity.runner`); ``variance="per_example"`` raises it.
+:func:`vmap_cause` tells such an error from others and names its cause in a few words.
 """
 
 from __future__ import annotations
@@ -39,9 +47,21 @@ __all__ = [
     "NoGradientPathError",
     "NonFloatingParameterError",
     "NotMeasurableError",
+    "PerExampleGradientError",
     "failing_operators",
     "is_double_backward_error",
+    "module_raising",
+    "vmap_cause",
 ]
+
+#: Messages of errors ``vmap`` raises on code it cannot batch, and their causes in words.
+_VMAP_CAUSES = (
+    ("calling .item() on a Tensor", ".item() or data-dependent control flow"),
+    ("data-dependent control flow", ".item() or data-dependent control flow"),
+    ("dynamic shape", "an operator with a data-dependent output shape"),
+    ("vmap: inplace arithmetic", "an in-place write into a tensor vmap does not batch"),
+    ("Batching rule not implemented", "an operator without a vmap batching rule"),
+)
 
 _PATTERNS = (
     re.compile(r"derivative for (?:aten::)?([\w.]+) is not implemented"),
@@ -50,10 +70,11 @@ _PATTERNS = (
 )
 
 ADVICE = (
-    "switch such layers to a twice-differentiable implementation for the estimate, e.g. "
-    "run it inside `with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):` "
-    "(from inside loss_fn) for scaled-dot-product attention, or pass need_weights=True to "
-    "nn.MultiheadAttention"
+    "switch such layers to a twice-differentiable implementation for the estimate (the "
+    "library already runs torch's scaled_dot_product_attention on its math backend and turns "
+    "nn.MultiheadAttention's fast path off; a custom autograd.Function needs a backward that "
+    "is itself differentiable, a fused kernel from another package its plain PyTorch "
+    "equivalent, selected from inside loss_fn)"
 )
 
 
@@ -75,6 +96,52 @@ class MetaTensorError(NotMeasurableError):
 
 class NonFloatingParameterError(NotMeasurableError):
     """A parameter named in the groups is not a floating-point tensor."""
+
+
+class PerExampleGradientError(NotMeasurableError):
+    """Per-example gradients (``vmap``) hit code ``vmap`` cannot batch (module docstring)."""
+
+
+def vmap_cause(exc: BaseException) -> str | None:
+    """The cause, in a few words, of an error ``vmap`` raised on code it cannot batch;
+    ``None`` for any other error."""
+    if not isinstance(exc, (RuntimeError, NotImplementedError, ValueError)):
+        return None
+    text = str(exc)
+    for needle, cause in _VMAP_CAUSES:
+        if needle in text:
+            return cause
+    return None
+
+
+def module_raising(model: nn.Module, run: Callable[[], Any]) -> str | None:
+    """The innermost module of ``model`` whose forward pass was running when ``run()``
+    raised (``"name (Type)"``), ``None`` when it did not raise or raised outside any."""
+    stack: list[str] = []
+    handles = []
+
+    def enter(label: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            stack.append(label)
+
+        return hook
+
+    def leave(*_: Any) -> None:
+        if stack:
+            stack.pop()
+
+    for qual, module in model.named_modules():
+        label = f"{qual or '(root)'} ({type(module).__name__})"
+        handles.append(module.register_forward_pre_hook(enter(label)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        run()
+    except Exception:
+        return stack[-1] if stack else None
+    finally:
+        for h in handles:
+            h.remove()
+    return None
 
 
 def failing_operators(exc: BaseException) -> list[str]:

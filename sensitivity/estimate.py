@@ -12,6 +12,7 @@ Inner pieces, one per file: :mod:`~layerwise.sensitivity.functional` (the model 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,20 +22,15 @@ import torch
 from torch import nn
 
 from layerwise.sensitivity.batching import as_batches, batch_size_of, cast_batch, count_batches
-from layerwise.sensitivity.functional import (
-    FunctionalLoss,
-    leaves_no_trace,
-    model_devices,
-    uses_batch_statistics,
-)
+from layerwise.sensitivity.functional import FunctionalLoss, leaves_no_trace
 from layerwise.sensitivity.ggn import GGNEstimator, output_loss
-from layerwise.sensitivity.groups import resolve_groups
 from layerwise.sensitivity.hvp import choose_hvp_mode
 from layerwise.sensitivity.losses import OutputLoss
 from layerwise.sensitivity.options import EstimateOptions
 from layerwise.sensitivity.probes import make_generator
-from layerwise.sensitivity.report import EstimateCost, SensitivityReport
+from layerwise.sensitivity.report import SensitivityReport
 from layerwise.sensitivity.runner import Plan, Run
+from layerwise.sensitivity.structure import model_structure
 from layerwise.sensitivity.validation import check_call, check_materialized
 
 __all__ = ["estimate"]
@@ -94,7 +90,11 @@ def estimate(
       ``"two_batch"`` (McCandlish et al. on the same pieces), or ``"auto"``:
       micro-batches when a BatchNorm layer is in training mode (examples interact,
       per-example gradients are undefined; each batch then needs >= 2 x
-      ``micro_batches`` examples), else per-example;
+      ``micro_batches`` examples), else per-example, falling back to micro-batches where
+      ``vmap`` meets data-dependent code (recorded in ``variance_fallback``, warned once;
+      an explicit ``"per_example"`` raises
+      :class:`~layerwise.sensitivity.errors.PerExampleGradientError`:
+      :mod:`layerwise.sensitivity.runner`);
     * ``"hessian_trace"``: tr(H_gg) by Hutchinson's estimator with ``probes`` probes per
       batch (``distribution`` "rademacher" or "gaussian", drawn ``chunk_size`` at a time
       from ``generator``, or from a new one seeded with ``seed``), shared across groups
@@ -137,6 +137,11 @@ def estimate(
     reason for a fallback in ``report.settings["hvp_fallback"]``. Pass ``"jvp"`` to bound
     memory when the graph of a backward pass is large, ``"vjp"`` to always share the
     passes.
+
+    Attention: every pass differentiated twice or batched with ``vmap`` runs
+    ``scaled_dot_product_attention`` on the math backend and without
+    ``nn.MultiheadAttention``'s fast path, the caller's settings restored afterwards
+    (:mod:`layerwise.sensitivity.attention`; ``report.settings["attention_backend"]``).
 
     Randomness: every evaluation on one batch (the gradient and each Hessian product)
     replays the same global RNG state, so dropout masks agree between them and between
@@ -194,11 +199,14 @@ def estimate(
         options = options.replace(**settings)
     wanted = options.quantities
     target = output_loss(loss_fn) if "ggn_trace" in wanted else None  # before any work
-    index = resolve_groups(model, groups)
-    devices = list(dict.fromkeys(model.get_parameter(n).device for n in index.params))
+    structure = model_structure(model)  # one walk of the tree; the rest is cached
+    index = structure.groups(model, groups)
+    named = structure.named_parameters
+    devices = list(dict.fromkeys(named[n].device for n in index.params))
     _check_generator(generator, devices)
-    check_materialized(model)
-    batch_statistics = uses_batch_statistics(model)
+    if structure.meta:
+        check_materialized(model)  # raises, naming them
+    batch_statistics = structure.batch_statistics
     plan = Plan(
         index=index,
         trace="hessian_trace" in wanted,
@@ -209,7 +217,7 @@ def estimate(
         mode=choose_hvp_mode(
             options.hvp_mode,
             math.ceil(options.budget / options.chunk_size),
-            model.get_parameter(index.params[0]).device,
+            named[index.params[0]].device,
         ),
         fallback=options.hvp_mode == "auto",
         method=options.variance
@@ -223,6 +231,7 @@ def estimate(
         batch_statistics=batch_statistics,
         ggn=options.ggn if target is not None else None,
         ggn_samples=options.ggn_samples,
+        variance_auto=options.variance == "auto",
     )
     if plan.noise and plan.method == "per_example" and batch_statistics:
         raise ValueError(
@@ -231,8 +240,8 @@ def estimate(
         )
     expected = count_batches(batches)
     dtype = options.dtype
-    with leaves_no_trace(model):
-        loss = FunctionalLoss(model, loss_fn, index.params, dtype)
+    with leaves_no_trace(model, structure=structure):
+        loss = FunctionalLoss(model, loss_fn, index.params, dtype, structure=structure)
         gen = generator if generator is not None else make_generator(devices[0], options.seed)
         ggn = None
         if target is not None:
@@ -240,9 +249,9 @@ def estimate(
                 target, model, index.params, index.param_group, len(index),
                 per_example=not batch_statistics, dtype=dtype,
                 example_chunk_size=options.example_chunk_size, chunk_size=options.chunk_size,
-                sampler=options.ggn_sampler,
+                sampler=options.ggn_sampler, structure=structure,
             )  # fmt: skip
-        run = Run(plan, loss, gen, model_devices(model), progress, expected, ggn)
+        run = Run(plan, loss, gen, list(structure.devices), progress, expected, ggn)
         for batch in as_batches(batches):
             size = batch_size_of(batch, batch_size)
             run.batch(cast_batch(batch, dtype), size)
@@ -260,7 +269,7 @@ def estimate(
     }
     if isinstance(loss_fn, OutputLoss):
         recorded["loss"] = loss_fn.settings()
-    cost = EstimateCost(**{**report.cost.to_dict(), "seconds": seconds})
+    cost = dataclasses.replace(report.cost, seconds=seconds)
     return SensitivityReport(report.groups, cost, recorded)
 
 

@@ -14,7 +14,9 @@ gradients.
 so that (1/B) Σ_i g_i = c exactly. When L = (1/B) Σ_i ℓ_i (the loss contract), g_i = ∇ℓ_i,
 the per-example gradient of the *summed* loss's terms, the same as ``vmap`` of ``grad``
 on one-example batches. (For a loss that weights examples unequally, such as a token
-mean over sequences of unequal length, g_i is example i's share, scaled by B.)
+mean over sequences of unequal length, g_i is example i's share, scaled by B; for a loss
+object the ``vmap`` fallback evaluates exactly that share,
+:meth:`layerwise.sensitivity.losses.OutputLoss.share`.)
 
 **Which parameters.** Each measured parameter a covered layer uses is swapped, for that
 call only, for a fresh leaf sharing its storage, so the backward pass tells apart the
@@ -145,13 +147,22 @@ class _Capture:
         self.calls.append(call)
 
     @contextmanager
-    def hooks(self, model: nn.Module) -> Iterator[None]:
+    def hooks(self, loss: FunctionalLoss) -> Iterator[None]:
+        """The hooks on every module of ``loss.model`` that owns parameters (from the loss's
+        :class:`~layerwise.sensitivity.structure.ModelStructure` when it has one)."""
         handles = []
+        if loss.structure is not None:
+            modules = loss.structure.param_modules
+        else:
+            modules = [
+                m
+                for m in loss.model.modules()
+                if any(t is not None for t in m._parameters.values())
+            ]
         try:
-            for m in model.modules():
-                if any(t is not None for t in m._parameters.values()):
-                    handles.append(m.register_forward_pre_hook(self.pre))
-                    handles.append(m.register_forward_hook(self.post))
+            for m in modules:
+                handles.append(m.register_forward_pre_hook(self.pre))
+                handles.append(m.register_forward_hook(self.post))
             yield
         finally:
             for h in handles:
@@ -176,7 +187,7 @@ def example_norms(
     values = loss.values
     live = {n: v.detach().requires_grad_(True) for n, v in values.items()}
     capture = _Capture(live, size)
-    with capture.hooks(loss.model), torch.enable_grad():
+    with capture.hooks(loss), torch.enable_grad():
         out = loss(live, batch)
     aliases = [(c, local, t) for c in capture.calls for local, t in c.aliases.items()]
     if out.requires_grad:
@@ -217,7 +228,8 @@ def example_norms(
         fast = list(sq)
         sq = dict(zip(fast, torch.stack(list(sq.values())).mul_(size**2).unbind(0), strict=True))
         dot = dict(zip(fast, torch.stack(list(dot.values())).mul_(size).unbind(0), strict=True))
-    total = _fallback(loss, gradient, batch, size, fallback, chunk, sq, dot)
+    with loss.slices_of(batch, size):  # g_i = B × example i's share, as factorised
+        total = _fallback(loss, gradient, batch, size, fallback, chunk, sq, dot)
     order = list(live)
     return ExampleNorms(
         gradient={n: gradient[n] for n in order},

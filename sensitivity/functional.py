@@ -22,13 +22,18 @@ train/eval modes and the ``.grad`` fields are as before when an estimator return
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+from layerwise.sensitivity.losses import OutputLoss
+
+if TYPE_CHECKING:
+    from layerwise.sensitivity.structure import ModelStructure
 
 __all__ = [
     "FunctionalLoss",
@@ -48,8 +53,11 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.scale: tuple[int, Any] | None = None  # (B, M) of the batch slices come from
 
     def forward(self, batch: Any) -> torch.Tensor:
+        if self.scale is not None:
+            return self.loss_fn.share(self.model, batch, *self.scale)
         return self.loss_fn(self.model, batch)
 
 
@@ -86,19 +94,34 @@ class FunctionalLoss:
         loss_fn: Callable[[nn.Module, Any], torch.Tensor],
         params: Sequence[str],
         dtype: torch.dtype | None = None,
+        *,
+        structure: ModelStructure | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
         self.model = model
+        #: the model's :class:`~layerwise.sensitivity.structure.ModelStructure` when given
+        #: (its tree as of now), which spares the walks of the tree
+        self.structure = structure
         self.params = tuple(params)
-        own_names = dict(model.named_parameters())
-        unknown = [n for n in self.params if n not in own_names]
+        if structure is not None:
+            own = structure.named_parameters
+            buffers: Iterable[tuple[str, torch.Tensor]] = structure.named_buffers
+            batch_stats = structure.batch_stat_modules
+        else:
+            own = dict(model.named_parameters())
+            buffers = model.named_buffers()
+            batch_stats = frozenset(
+                name
+                for name, m in model.named_modules()
+                if isinstance(m, _NormBase) and m.training and m.track_running_stats
+            )
+        unknown = [n for n in self.params if n not in own]
         if unknown:
             raise ValueError(
-                f"params names unknown parameters {unknown}; the model's parameters are "
-                f"{list(own_names)}"
+                f"params names unknown parameters {unknown}; the model's parameters are {list(own)}"
             )
         self._module = _LossModule(model, loss_fn)
 
@@ -107,17 +130,11 @@ class FunctionalLoss:
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
         chosen = set(self.params)
-        own = dict(model.named_parameters())
         self.values = {n: cast(own[n]) for n in self.params}
         fixed: dict[str, torch.Tensor | None] = {
             "model." + n: cast(p) for n, p in own.items() if n not in chosen
         }
-        batch_stats = {
-            name
-            for name, m in model.named_modules()
-            if isinstance(m, _NormBase) and m.training and m.track_running_stats
-        }
-        for name, b in model.named_buffers():
+        for name, b in buffers:
             owner, _, leaf = name.rpartition(".")
             if owner in batch_stats and leaf in _RUNNING:
                 fixed["model." + name] = None
@@ -144,6 +161,26 @@ class FunctionalLoss:
         if loss.requires_grad:  # metadata only: no computation, no host sync
             self.reached = True
         return loss
+
+    @contextlib.contextmanager
+    def slices_of(self, batch: Any, size: int) -> Iterator[None]:
+        """Inside, evaluations of slices of ``batch`` (``size`` examples) are on the batch's
+        scale when ``loss_fn`` is a loss object (:meth:`~layerwise.sensitivity.losses.
+        OutputLoss.share`): a per-example gradient is B × the example's share of the
+        batch's gradient, a micro-batch's (B / b) × its share, whatever the number of
+        counted tokens of each. A plain ``loss_fn`` is evaluated on the slice as it is."""
+        loss_fn = self._module.loss_fn
+        if not isinstance(loss_fn, OutputLoss):
+            yield
+            return
+        targets = loss_fn.target(batch)
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"target(batch) must return a tensor, got {type(targets).__name__}")
+        self._module.scale = (size, loss_fn.normaliser(targets))
+        try:
+            yield
+        finally:
+            self._module.scale = None
 
     def restricted(self, names: Sequence[str]) -> Callable[[dict[str, torch.Tensor], Any], Any]:
         """The loss as a function of ``names`` only, the other parameters held at their
@@ -176,17 +213,23 @@ class RngReplay:
 
 
 @contextlib.contextmanager
-def leaves_no_trace(model: nn.Module) -> Iterator[None]:
+def leaves_no_trace(model: nn.Module, *, structure: ModelStructure | None = None) -> Iterator[None]:
     """Restore, on exit (also on error), the global RNG state (CPU and the model's CUDA
     devices), the train/eval mode of every module and the ``.grad`` of every parameter.
+    ``structure``: the model's :class:`~layerwise.sensitivity.structure.ModelStructure`, if
+    the caller has it (the same modules and parameters, without walking the tree).
 
     Parameters and buffers need no restoring: estimators only ever see detached copies
     (:class:`FunctionalLoss`), so the model's tensors are never written to.
     """
-    devices = [d.index or 0 for d in model_devices(model) if d.type == "cuda"]
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.grad) for p in model.parameters()]
-    with torch.random.fork_rng(devices=sorted(set(devices))):
+    if structure is None:
+        found, modules, params = model_devices(model), model.modules(), model.parameters()
+    else:
+        found, modules, params = structure.devices, structure.modules, structure.parameters
+    devices = sorted({d.index or 0 for d in found if d.type == "cuda"})
+    modes = [(m, m.training) for m in modules]
+    grads = [(p, p.grad) for p in params]
+    with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:

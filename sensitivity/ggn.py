@@ -59,14 +59,18 @@ summed over the group, like ``hessian_trace``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from layerwise.sensitivity.attention import twice_differentiable_attention
 from layerwise.sensitivity.label_sampling import SAMPLERS, draw_noise, sampled_cotangents
 from layerwise.sensitivity.losses import OutputLoss
 from layerwise.sensitivity.output_vjp import OutputVJP
+
+if TYPE_CHECKING:
+    from layerwise.sensitivity.structure import ModelStructure
 
 __all__ = [
     "EXACT_MAX_COLUMNS",
@@ -132,13 +136,14 @@ class GGNEstimator:
         example_chunk_size: int | None = None,
         chunk_size: int = 8,
         sampler: str = "importance",
+        structure: ModelStructure | None = None,
     ) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.loss, self.sampler, self.per_example = output_loss(loss), sampler, per_example
         self.vjps = OutputVJP(
             loss.forward, model, params, group_of, num_groups, dtype=dtype,
-            example_chunk_size=example_chunk_size, chunk_size=chunk_size,
+            example_chunk_size=example_chunk_size, chunk_size=chunk_size, structure=structure,
         )  # fmt: skip
 
     def _targets(self, batch: Any, size: int) -> torch.Tensor:
@@ -169,7 +174,21 @@ class GGNEstimator:
         exact: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(tr(G_gg) per group, its standard error, backward passes) for one batch of
-        ``size`` examples: the mean of ``samples`` sampled terms, or exact (stderr 0)."""
+        ``size`` examples: the mean of ``samples`` sampled terms, or exact (stderr 0).
+        Attention runs on the math backend (:mod:`layerwise.sensitivity.attention`): the
+        products are batched with ``vmap``."""
+        with twice_differentiable_attention():
+            return self._batch(values, batch, size, samples, generator, exact)
+
+    def _batch(
+        self,
+        values: Params,
+        batch: Any,
+        size: int,
+        samples: int,
+        generator: torch.Generator | None,
+        exact: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         targets = self._targets(batch, size)
         count = self.loss.normaliser(targets)
         if exact:

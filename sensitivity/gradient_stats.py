@@ -54,6 +54,10 @@ class BatchGradStats:
     trace_sigma: torch.Tensor
     trace_sigma_var: torch.Tensor
     projected_var: torch.Tensor
+    #: ‖c_g‖² of the batch gradient c the samples were centred on, per group (the same
+    #: fused norms and per-group sums as the estimator's own ``grad_norm``, so it can reuse
+    #: them for a single batch)
+    centre_sq: torch.Tensor | None = None
 
 
 class GradientSamples:
@@ -71,13 +75,13 @@ class GradientSamples:
         self.sum_d, self.sum_d2, self.sum_wp2 = zeros.clone(), zeros.clone(), zeros.clone()
         self.sum_diff: Params = {}  # Σ_j w_j (m_j − c) per parameter; absent: zero
         self.count, self.weight = 0, 0
-        self._centre_sq: list[torch.Tensor] | None = None
+        self._centre_sq: torch.Tensor | None = None
 
-    def _centre_sq_each(self) -> list[torch.Tensor]:
-        """‖c‖² per parameter (one fused pass over the centre, computed once)."""
+    def _centre_sq_each(self) -> torch.Tensor:
+        """‖c‖² per parameter, stacked (one fused pass over the centre, computed once)."""
         if self._centre_sq is None:
             norms = torch._foreach_norm([self.centre[n] for n in self.names])
-            self._centre_sq = [t.square() for t in norms]
+            self._centre_sq = torch.stack([t.square() for t in norms])
         return self._centre_sq
 
     def _per_group(self, per_param: list[torch.Tensor]) -> torch.Tensor:
@@ -129,8 +133,7 @@ class GradientSamples:
         count = sq[self.names[0]].shape[0]
         squares = torch.stack([sq[n] for n in self.names], dim=-1)  # (count, params)
         dots = torch.stack([dot[n] for n in self.names], dim=-1)
-        centre_sq = torch.stack(self._centre_sq_each())
-        projected = dots - centre_sq  # (m_j − c)·c
+        projected = dots - self._centre_sq_each()  # (m_j − c)·c
         d = self._per_group_columns(squares - dots - projected)  # (count, G)
         p = self._per_group_columns(projected)
         self.sum_d += d.sum(0)
@@ -150,7 +153,7 @@ class GradientSamples:
         m, w = self.count, self.weight
         if m < 2:
             raise ValueError(f"gradient noise needs at least 2 samples, got {m}")
-        sq_centre = self._per_group(self._centre_sq_each())
+        sq_centre = self._per_group_columns(self._centre_sq_each())
         if self.sum_diff:  # m̄ − c = Σ_j w_j (m_j − c) / W
             zero = sq_centre.new_zeros(())
             delta = {n: s / w for n, s in self.sum_diff.items()}
@@ -173,7 +176,7 @@ class GradientSamples:
         trace_var = (m / (m - 1)) ** 2 * var_d / m
         projected = (self.sum_wp2 - w * dot_delta.square()).clamp_min(0) / (m - 1)
         projected = torch.where(projected == 0, projected, projected / sq_centre)
-        return BatchGradStats(w, m, trace, trace_var, projected)
+        return BatchGradStats(w, m, trace, trace_var, projected, sq_centre)
 
 
 def combine_batches(stats: Sequence[BatchGradStats]) -> tuple[torch.Tensor, ...]:

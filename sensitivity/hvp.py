@@ -26,6 +26,9 @@ forward + backward pass and never form H.
   forward mode fails on the first call (an operator without a forward-mode derivative,
   or PyTorch bugs such as ``F.mse_loss`` under ``jvp`` of ``grad``, pytorch#123996).
 
+Attention runs on the math backend during every product, whatever backend the caller
+selected (restored afterwards): :mod:`layerwise.sensitivity.attention`.
+
 Random layers (dropout) draw their masks once per evaluation and ``vmap`` runs with
 ``randomness="same"``, so every probe of a chunk sees the same mask; with an
 :class:`~layerwise.sensitivity.functional.RngReplay` every chunk sees the same mask too, and both
@@ -51,6 +54,7 @@ from typing import Any
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from layerwise.sensitivity.attention import twice_differentiable_attention
 from layerwise.sensitivity.errors import explain, is_double_backward_error
 from layerwise.sensitivity.functional import RngReplay
 
@@ -131,7 +135,8 @@ class HessianProduct:
 
     def __call__(self, probes: Params) -> Params:
         try:
-            return self._product(probes)
+            with twice_differentiable_attention():
+                return self._product(probes)
         except (RuntimeError, NotImplementedError) as exc:
             if self.mode == "jvp" and self.fallback and self.gradient is None:
                 # forward mode failed on the first call: an operator without a forward-mode

@@ -53,13 +53,17 @@ Maker = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 @dataclass(frozen=True)
 class Outer:
     """g_i = Σ_t a_it ⊗ b_it per block; ``make(s, e)`` gives examples s:e as
-    a (e−s, K, T, rows) and b (e−s, K, T, cols)."""
+    a (e−s, K, T, rows) and b (e−s, K, T, cols). ``inputs(s, e)``, when given, is b alone
+    and ``outputs(s, e)`` a alone (b depends on the layer's input only, a on its output
+    gradient: a caller with several output gradients of one forward pass reuses b)."""
 
     blocks: int
     rows: int
     cols: int
     length: int
     make: Maker
+    inputs: Callable[[int, int], torch.Tensor] | None = None
+    outputs: Callable[[int, int], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,15 +151,21 @@ def _conv_terms(m: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> dict[str,
     length = delta[0, 0].numel()
     rows, cols = m.out_channels // k, m.weight.shape[1:].numel()
 
-    def make(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(s: int, e: int) -> torch.Tensor:
         xs = x[s:e].unsqueeze(2) if one_d else x[s:e]
         patches = _patches(xs, kernel, dilation, stride, out)  # (c, Cin·k, L)
-        b = patches.reshape(e - s, k, cols, length).transpose(2, 3)
-        a = delta[s:e].reshape(e - s, k, rows, length).transpose(2, 3)
-        return a, b
+        return patches.reshape(e - s, k, cols, length).transpose(2, 3)
+
+    def outputs(s: int, e: int) -> torch.Tensor:
+        return delta[s:e].reshape(e - s, k, rows, length).transpose(2, 3)
+
+    def make(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = inputs(s, e)
+        return outputs(s, e), b
 
     flat = delta.reshape(delta.shape[0], delta.shape[1], -1)
-    return {"weight": Outer(k, rows, cols, length, make), "bias": Direct(flat.sum(2))}
+    weight = Outer(k, rows, cols, length, make, inputs, outputs)
+    return {"weight": weight, "bias": Direct(flat.sum(2))}
 
 
 def _embedding_save(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:

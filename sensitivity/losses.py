@@ -89,6 +89,26 @@ class OutputLoss:
     def criterion(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Σ_t ℓ(z_t, y_t), the loss summed instead of averaged (M times the mean)."""
+        raise NotImplementedError
+
+    def share(self, model: nn.Module, part: Any, size: int, normaliser: Any) -> torch.Tensor:
+        """The loss of ``part``, a slice of b examples of a batch of ``size`` examples whose
+        normaliser is M, on the batch's scale: (size / b) Σ_{t∈part} ℓ_t / M.
+
+        Its gradient is what the statistics take as the slice's gradient sample: for one
+        example, g_i = B × (example i's share of ∇L), so that the g_i average to ∇L exactly
+        even when examples hold different numbers of counted tokens (``ignore_index``); an
+        example whose tokens are all ignored has g_i = 0, not the 0/0 of its own mean. For
+        a loss whose normaliser is proportional to the examples (``MeanSquaredError``) it is
+        the slice's own mean loss."""
+        outputs = _tensor("forward(model, batch)", self.forward(model, part))
+        targets = _tensor("target(batch)", self.target(part))
+        self.check(outputs, targets)
+        b = targets.shape[0] if targets.dim() > 0 else 1
+        return self.summed(outputs, targets) * (size / b) / normaliser
+
     def check(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -148,6 +168,17 @@ class CrossEntropy(OutputLoss):
             label_smoothing=self.label_smoothing,
         )
 
+    def summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Σ_t ℓ_t over the tokens that are not ``ignore_index`` (0 when there is none)."""
+        classes = outputs.shape[-1]
+        return F.cross_entropy(
+            outputs.reshape(-1, classes),
+            targets.reshape(-1),
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction="sum",
+        )
+
     def normaliser(self, targets: torch.Tensor) -> torch.Tensor:
         """M, the number of targets that are not ``ignore_index`` (a 0-d device tensor)."""
         return (targets != self.ignore_index).sum()
@@ -195,6 +226,10 @@ class MeanSquaredError(OutputLoss):
     def criterion(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.check(outputs, targets)
         return F.mse_loss(outputs, targets)
+
+    def summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Σ_k (z_k − y_k)² over every entry."""
+        return F.mse_loss(outputs, targets, reduction="sum")
 
     def normaliser(self, targets: torch.Tensor) -> int:
         """M, the number of entries ``targets.numel()``."""

@@ -9,7 +9,11 @@ b_j gives the unbiased tr(Σ̂) = Σ_j b_j ‖m_j − m̄‖² / (M − 1). With
 per-example covariance that reproduces the gradient noise of batches of size ~B/M
 (noise extrapolated as 1/b, the usual assumption). M−1 degrees of freedom make this
 noisier than the per-example estimate; average over batches for a steadier figure.
-Cost: one forward and backward pass over the whole batch, in M pieces.
+Cost: one forward and backward pass over the whole batch, in M pieces. For a loss object
+the estimator evaluates each piece on the batch's scale
+(:meth:`layerwise.sensitivity.functional.FunctionalLoss.slices_of`): m_j is (B/b_j) times
+the piece's share of the batch's loss, so a token mean whose pieces count different
+numbers of tokens stays exact and a piece whose tokens are all ignored gives m_j = 0.
 
 For the loss mean_i (θ − x_i)²/2 the gradient of a micro-batch is θ − mean(x_j); with
 θ = 0 and four examples in two pieces of two, m_1 = −1.5 and m_2 = −3.5, so

@@ -31,6 +31,7 @@ gradient, small) are summed and reduced as they are.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -51,13 +52,19 @@ def example_sq_norms_and_dots(
     budget: int | None = None,
     chunk: int | None = None,
     dots: bool = True,
+    memo: dict[Any, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(‖g_i‖², g_i·``centre``) for i < ``size``, or ``None`` when the terms do not combine
     (different kinds or shapes: the caller falls back to per-example gradients).
 
     ``chunk`` caps the examples per step (``None``: as many as ``budget`` allows). With
     ``dots=False`` only the norms are computed (``centre`` then gives the parameter's shape
-    and the dots are zeros)."""
+    and the dots are zeros). ``memo``: a dict the caller keeps for this parameter while its
+    terms' inputs stay the same (the cotangents of one forward pass: only the output
+    gradients change), in which the inputs' squared norms ‖b_i‖² (no positions) are
+    kept per chunk of examples and reused, the very same numbers, and so are the inputs
+    b themselves (a convolution's patches), chunk by chunk while what is kept stays within
+    the budget."""
     if not terms:
         zero = centre.new_zeros(size)
         return zero, zero.clone()
@@ -86,12 +93,28 @@ def example_sq_norms_and_dots(
     step = max(1, max(budget or 0, MIN_BUDGET) // max(1, per_example))
     if chunk is not None:
         step = min(step, chunk)
+    # the inputs of one term that splits them off are kept for the next cotangent, chunk by
+    # chunk while what is kept stays within the budget
+    split = memo is not None and len(dense) == 1 and not index
+    split = split and dense[0].inputs is not None and dense[0].outputs is not None
     sq, dot = [], []
     for s in range(0, size, step):
         e = min(s + step, size)
-        a, b = _cat([t.make(s, e) for t in dense])
+        if split:
+            b = memo.get(("inputs", s, e))
+            if b is None:
+                b = dense[0].inputs(s, e)
+                kept = memo.get("kept", 0) + b.numel()
+                if kept <= max(budget or 0, MIN_BUDGET):
+                    memo[("inputs", s, e)], memo["kept"] = b, kept
+            a = dense[0].outputs(s, e)
+        else:
+            a, b = _cat([t.make(s, e) for t in dense])
         ids, beta = _cat([t.make(s, e) for t in index])
-        part = _gram(a, b, ids, beta, c, dots) if gram else _materialised(a, b, ids, beta, c, dots)
+        if gram:
+            part = _gram(a, b, ids, beta, c, dots, memo, (s, e))
+        else:
+            part = _materialised(a, b, ids, beta, c, dots)
         sq.append(part[0])
         dot.append(part[1])
     return (sq[0], dot[0]) if len(sq) == 1 else (torch.cat(sq), torch.cat(dot))
@@ -127,12 +150,24 @@ def _cat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor |
     return first, torch.cat([p[1] for p in pairs], dim=-2)
 
 
-def _gram(a, b, ids, beta, c, dots: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _input_sq(b: torch.Tensor, memo: dict[Any, Any] | None, span: tuple[int, int]) -> torch.Tensor:
+    """``_rowdot(b, b)``, kept in ``memo`` under the examples ``span`` it covers."""
+    if memo is None:
+        return _rowdot(b, b)
+    found = memo.get(("input_sq", span))
+    if found is None:
+        found = memo[("input_sq", span)] = _rowdot(b, b)
+    return found
+
+
+def _gram(
+    a, b, ids, beta, c, dots: bool = True, memo: dict[Any, Any] | None = None, span=(0, 0)
+) -> tuple[torch.Tensor, torch.Tensor]:
     sq = dot = None
     if a is not None:  # a (n, K, T, R), b (n, K, T, C)
         n, k, t = a.shape[:3]
         if t == 1 and k == 1:  # no positions, one block: ‖a‖²‖b‖²
-            sq = _rowdot(a, a) * _rowdot(b, b)
+            sq = _rowdot(a, a) * _input_sq(b, memo, span)
         else:
             sq = _rowdot(a @ a.transpose(-1, -2), b @ b.transpose(-1, -2))
         if not dots:

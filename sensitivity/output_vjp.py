@@ -34,16 +34,18 @@ tensor([[20.]])
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.func import vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from layerwise.sensitivity.batching import example_in_dims, slice_batch
+from layerwise.sensitivity.batching import example_in_dims, flatten_batch, slice_batch
 from layerwise.sensitivity.cotangent_norms import cotangent_sq_norms
 from layerwise.sensitivity.functional import FunctionalLoss
+
+if TYPE_CHECKING:
+    from layerwise.sensitivity.structure import ModelStructure
 
 __all__ = ["OutputVJP"]
 
@@ -74,8 +76,9 @@ class OutputVJP:
         dtype: torch.dtype | None = None,
         example_chunk_size: int | None = None,
         chunk_size: int = 8,
+        structure: ModelStructure | None = None,
     ) -> None:
-        self.function = FunctionalLoss(model, forward, params, dtype)
+        self.function = FunctionalLoss(model, forward, params, dtype, structure=structure)
         first = next(iter(self.function.values.values()))
         index = torch.as_tensor(group_of, dtype=torch.long, device=first.device)
         groups = torch.arange(num_groups, device=first.device)
@@ -151,13 +154,13 @@ class OutputVJP:
         for a in range(0, size, chunk):
             b = min(a + chunk, size)
             part = slice_batch(batch, size, a, b)
-            leaves, spec = tree_flatten(part)
-            dims = tree_flatten(example_in_dims(part, b - a))[0]
+            leaves, rebuild = flatten_batch(part)
+            dims = example_in_dims(part, b - a)
 
-            def call(v: Params, *args: Any, spec: Any = spec, dims: list = dims) -> Any:
+            def call(v: Params, *args: Any, rebuild: Any = rebuild, dims: list = dims) -> Any:
                 moving, leaves = args[: len(extra)], args[len(extra) :]
                 rows = [t.unsqueeze(0) if d == 0 else t for t, d in zip(leaves, dims, strict=True)]
-                return one(v, tree_unflatten(rows, spec), *moving)
+                return one(v, rebuild(rows), *moving)
 
             pieces = [t.narrow(d, a, b - a) for t, d in extra]
             in_dims = (None, *(d for _, d in extra), *dims)

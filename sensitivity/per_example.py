@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 from torch.func import grad, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from layerwise.sensitivity.batching import example_in_dims, slice_batch
+from layerwise.sensitivity.attention import twice_differentiable_attention
+from layerwise.sensitivity.batching import example_in_dims, flatten_batch, slice_batch
 from layerwise.sensitivity.gradient_stats import GradientSamples
 from layerwise.sensitivity.validation import check_int
 
@@ -44,16 +44,17 @@ def per_example_gradients(
             [0., 3.]])
     """
     check_int("size", size, 1)
-    leaves, spec = tree_flatten(batch)
-    dims = tree_flatten(example_in_dims(batch, size))[0]
+    leaves, rebuild = flatten_batch(batch)
+    dims = example_in_dims(batch, size)
     if 0 not in dims:
         raise ValueError(f"batch has no tensor with {size} rows (size={size}) to split")
 
     def one(p: Params, *example: Any) -> torch.Tensor:
         rows = [t.unsqueeze(0) if d == 0 else t for t, d in zip(example, dims, strict=True)]
-        return loss(p, tree_unflatten(rows, spec))
+        return loss(p, rebuild(rows))
 
-    return vmap(grad(one), in_dims=(None, *dims), randomness="different")(values, *leaves)
+    with twice_differentiable_attention():  # vmap-able attention (no fused kernel)
+        return vmap(grad(one), in_dims=(None, *dims), randomness="different")(values, *leaves)
 
 
 def accumulate_per_example(

@@ -100,10 +100,8 @@ class GroupEstimate:
         if int(self.num_params) < 0:
             raise ValueError(f"num_params must be >= 0, got {self.num_params!r}")
         object.__setattr__(self, "num_params", int(self.num_params))
-        for f in dataclasses.fields(self):
-            if f.name in ("group", *_COUNTS):
-                continue
-            object.__setattr__(self, f.name, _optional_float(getattr(self, f.name)))
+        for name in _FLOAT_FIELDS:
+            object.__setattr__(self, name, _optional_float(getattr(self, name)))
         for name in _COUNTS[1:]:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
@@ -147,6 +145,12 @@ class GroupEstimate:
             if isinstance(value, float) and not math.isfinite(value):
                 return False
         return True
+
+
+#: The float fields of :class:`GroupEstimate` (every field but the name and the counts).
+_FLOAT_FIELDS = tuple(
+    f.name for f in dataclasses.fields(GroupEstimate) if f.name not in ("group", *_COUNTS)
+)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,21 @@
 """The per-batch work of :func:`layerwise.sensitivity.estimate`: traces, gradients and gradient
-noise accumulated on the device, weighted by batch size, and one transfer at the end."""
+noise accumulated on the device, weighted by batch size, and one transfer at the end.
+
+**When per-example gradients cannot be had.** Parameters the factorised norms do not cover
+take ``vmap`` of ``grad`` (:mod:`layerwise.sensitivity.factorised`), and ``vmap`` refuses
+code that depends on the data (a ``.item()``, a tensor in an ``if``, as in Hugging Face
+attention-mask helpers; a data-dependent output shape). Under ``variance="auto"`` the
+estimate then uses micro-batch statistics for that batch and the following ones
+(:mod:`layerwise.sensitivity.microbatch`), records why in
+``report.settings["variance_fallback"]`` (``"variance"`` reads ``"micro_batch"``, or
+``"per_example+micro_batch"`` when earlier batches had per-example statistics) and warns
+once per cause and model class; an explicit ``variance="per_example"`` raises
+:class:`~layerwise.sensitivity.errors.PerExampleGradientError` naming the module and the
+cause (:mod:`layerwise.sensitivity.vmap_fallback`). Likewise the sampled or exact GGN
+trace, per example through ``vmap``, falls back to the batch function's products (exact in
+expectation too, :mod:`layerwise.sensitivity.ggn`) and records it in
+``report.settings["ggn_fallback"]``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +26,8 @@ from typing import Any
 
 import torch
 
-from layerwise.sensitivity.errors import NoGradientPathError
+from layerwise.sensitivity.attention import ATTENTION_BACKEND
+from layerwise.sensitivity.errors import NoGradientPathError, vmap_cause
 from layerwise.sensitivity.factorised import ExampleNorms, example_norms
 from layerwise.sensitivity.functional import FunctionalLoss, RngReplay
 from layerwise.sensitivity.ggn import GGNEstimator
@@ -25,6 +42,7 @@ from layerwise.sensitivity.hutchinson import hutchinson_samples, trace_estimate
 from layerwise.sensitivity.hvp import HessianProduct, loss_gradient
 from layerwise.sensitivity.microbatch import accumulate_micro_batches
 from layerwise.sensitivity.report import EstimateCost, GroupEstimate, SensitivityReport
+from layerwise.sensitivity.vmap_fallback import per_example_failure, warn_once
 
 __all__ = ["Plan", "Run"]
 
@@ -52,6 +70,7 @@ class Plan:
     batch_statistics: bool = False  # a BatchNorm layer normalises with batch statistics
     ggn: str | None = None  # "mc" or "exact" when ggn_trace is wanted
     ggn_samples: int = 1  # label samples per batch (mc)
+    variance_auto: bool = False  # variance="auto": may fall back from per_example
 
 
 class Run:
@@ -81,11 +100,16 @@ class Run:
         # kept as it is (no copy); a second batch starts the running sum
         self.grad_sum: tuple[float, list[torch.Tensor], bool] | None = None  # owned?
         self.stats: list[BatchGradStats] = []
+        self.centre_sq: torch.Tensor | None = None  # per-group ‖G‖² from the noise, one batch
         self.group_probes = [0] * g
         self.examples = self.batches = self.hvps = self.done = 0
         self.modes: dict[str, None] = {}
         self.fell_back: str | None = None
         self.vmapped: dict[str, None] = {}  # parameters whose per-example norms used vmap
+        self.method = plan.method  # per_example until vmap fails under variance="auto"
+        self.methods: dict[str, None] = {}  # the variance methods the batches used
+        self.variance_fallback: str | None = None
+        self.ggn_fallback: str | None = None
         isolated_factor = g if plan.isolated else 1
         self.steps = int(plan.gradient) + (plan.budget * isolated_factor if plan.trace else 0)
         self.ggn_steps = 0 if ggn is None else 1 if plan.ggn == "exact" else plan.ggn_samples
@@ -123,12 +147,13 @@ class Run:
             self._ggn(batch, size)
         if self.plan.gradient:
             norms = None
-            if self.plan.noise and self.plan.method == "per_example":  # one pass: c and norms
+            if self.plan.noise and self.method == "per_example":  # one pass: c and norms
                 rng.replay()
-                norms = example_norms(self.loss, batch, size, self.plan.example_chunk_size)
-                gradient = norms.gradient
-                self.vmapped.update(dict.fromkeys(norms.fallback))
-            elif gradient is None:
+                norms = self._example_norms(batch, size)
+                if norms is not None:
+                    gradient = norms.gradient
+                    self.vmapped.update(dict.fromkeys(norms.fallback))
+            if gradient is None:
                 rng.replay()
                 gradient = loss_gradient(self.loss, self.loss.values, batch)
             grads = [gradient[n] for n in self.names]
@@ -142,6 +167,9 @@ class Run:
                 self.grad_sum = (1.0, total, True)
             if self.plan.noise:
                 self.stats.append(self._noise(batch, size, gradient, norms))
+                # one batch, its gradient centred the noise: the same per-group ‖G‖², reused
+                one = self.batches == 1 and list(gradient) == self.names
+                self.centre_sq = self.stats[-1].centre_sq if one else None
             self._tick(1)
         # the GGN alone evaluates the outputs, not this loss: only a loss it ran is checked
         if (self.plan.trace or self.plan.gradient) and not self.loss.reached:
@@ -151,6 +179,18 @@ class Run:
                 "under torch.no_grad(), detached, or from parameters outside the groups?), so "
                 "its gradient, noise and Hessian trace cannot be measured"
             )
+
+    def _example_norms(self, batch: Any, size: int) -> ExampleNorms | None:
+        """Per-example norms; ``None`` after falling back to micro-batches (module docstring)."""
+        try:
+            return example_norms(self.loss, batch, size, self.plan.example_chunk_size)
+        except Exception as exc:
+            self.variance_fallback = per_example_failure(
+                exc, self.loss, self.loss.values, self.loss.model, batch, size,
+                auto=self.plan.variance_auto, micro_batches=self.plan.micro_batches,
+            )  # fmt: skip
+            self.method = "micro_batch"
+            return None
 
     def _traces(self, batch: Any, size: int, rng: RngReplay) -> Params:
         plan, index, values = self.plan, self.plan.index, self.loss.values
@@ -190,9 +230,23 @@ class Run:
 
     def _ggn(self, batch: Any, size: int) -> None:
         exact, samples = self.plan.ggn == "exact", self.plan.ggn_samples
-        mean, stderr, passes = self.ggn.batch(
-            self.loss.values, batch, size, samples=samples, generator=self.gen, exact=exact
-        )
+        state = self.gen.get_state()
+        try:
+            mean, stderr, passes = self.ggn.batch(
+                self.loss.values, batch, size, samples=samples, generator=self.gen, exact=exact
+            )
+        except Exception as exc:
+            cause = vmap_cause(exc)
+            if cause is None or not self.ggn.per_example:
+                raise
+            # the batch function's products need no vmap over examples (module docstring)
+            self.ggn.per_example = False
+            self.ggn_fallback = f"per-example products (vmap) fail: {cause}; batch function used"
+            warn_once(self.loss.model, f"ggn: {cause}", f"ggn_trace: {self.ggn_fallback}", 4)
+            self.gen.set_state(state)  # the same label noise as the failed attempt drew
+            mean, stderr, passes = self.ggn.batch(
+                self.loss.values, batch, size, samples=samples, generator=self.gen, exact=exact
+            )
         self.ggn_sum += size * mean
         self.ggn_var_sum += (size * stderr).square()
         self.ggn_count += 0 if exact else samples
@@ -207,10 +261,17 @@ class Run:
         if norms is not None:
             samples.add_norms(norms.sq, norms.dot, norms.total)
         else:
-            accumulate_micro_batches(
-                samples, self.loss, self.loss.values, batch, size, plan.micro_batches
-            )
-        return samples.finish(plan.method)
+            with self.loss.slices_of(batch, size):  # each piece on the batch's scale
+                accumulate_micro_batches(
+                    samples, self.loss, self.loss.values, batch, size, plan.micro_batches
+                )
+        self.methods[self.method] = None
+        return samples.finish(self.method)
+
+    def _math_attention(self) -> bool:
+        """Whether a pass ran under :func:`~layerwise.sensitivity.attention.
+        twice_differentiable_attention`: Hessian products, the GGN, ``vmap`` gradients."""
+        return self.plan.trace or self.ggn is not None or bool(self.vmapped)
 
     def _per_group(self, per_param: list[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(per_param).to(self.device)
@@ -224,7 +285,8 @@ class Run:
         }
         if plan.gradient:
             scale, total, _ = self.grad_sum or (1.0, [], True)
-            grad_sq = self._per_group(_squares(total)) * (scale / n) ** 2
+            grad_sq = self._per_group(_squares(total)) if self.centre_sq is None else self.centre_sq
+            grad_sq = grad_sq * (scale / n) ** 2
             rows["grad_norm"] = grad_sq.sqrt()
         if plan.noise:
             trace_sigma, trace_var, norm_var = combine_batches(self.stats)
@@ -268,10 +330,16 @@ class Run:
         )
         settings = {
             "hvp_mode": "+".join(self.modes) if plan.trace else None,
-            "variance": plan.method if plan.noise else None,
+            "variance": "+".join(self.methods) if plan.noise else None,
             "hvp_fallback": self.fell_back,
+            # the passes differentiated twice or batched with vmap ran on the math backend
+            "attention_backend": ATTENTION_BACKEND if self._math_attention() else None,
         }
-        if plan.noise and plan.method == "per_example":
+        if self.variance_fallback is not None:
+            settings["variance_fallback"] = self.variance_fallback
+        if self.ggn_fallback is not None:
+            settings["ggn_fallback"] = self.ggn_fallback
+        if plan.noise and "per_example" in self.methods:
             vmapped = [p for p in index.params if p in self.vmapped]
             settings["per_example"] = (
                 "factorised" if not vmapped else "vmap" if len(vmapped) == len(index.params)

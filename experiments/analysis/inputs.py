@@ -26,14 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from layerwise.experiments.analysis.checkpoint import check_finite_weights, load_weights
 from layerwise.experiments.errors import CLIError, UsageError, first_line
 from layerwise.experiments.importing import import_object
 from layerwise.experiments.models import call_factory, resolve_model
 from layerwise.sensitivity import CrossEntropy, OutputLoss, leaves_no_trace
-from layerwise.sensitivity.batching import batch_size_of, cast_batch
+from layerwise.sensitivity.batching import batch_size_of, cast_batch, move_batch
 
 __all__ = [
     "DEFAULT_CROSS_ENTROPY",
@@ -86,8 +86,7 @@ def parse_device(text: str) -> torch.device:
 
 def _move_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """``batch`` with every tensor on ``device`` and every floating tensor in ``dtype``."""
-    moved = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
-    return cast_batch(moved, dtype)
+    return cast_batch(move_batch(batch, device), dtype)
 
 
 def _batches_sha256(batches: list[Any]) -> str:

@@ -14,7 +14,7 @@ from layerwise.experiments.errors import UsageError
 from layerwise.experiments.importing import import_object
 from layerwise.experiments.tasks.base import Task
 from layerwise.experiments.tasks.digits import digits_cnn, digits_mlp
-from layerwise.experiments.tasks.mnist1d import mnist1d_cnn, mnist1d_mlp
+from layerwise.experiments.tasks.mnist1d import mnist1d_cnn, mnist1d_mlp, mnist1d_scaled
 from layerwise.experiments.tasks.sequence import sequence_count
 from layerwise.experiments.tasks.transfer import transfer_mnist1d
 
@@ -24,6 +24,7 @@ __all__ = ["TASKS", "get_task", "register_task"]
 TASKS: dict[str, Callable[..., Task]] = {
     "mnist1d_mlp": mnist1d_mlp,
     "mnist1d_cnn": mnist1d_cnn,
+    "mnist1d_scaled": mnist1d_scaled,
     "digits_mlp": digits_mlp,
     "digits_cnn": digits_cnn,
     "transfer_mnist1d": transfer_mnist1d,

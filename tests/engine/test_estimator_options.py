@@ -111,7 +111,7 @@ def test_runtime_callables_are_passed_through():
 
     controller = SensitivityController("trust_ratio", max_rel_stderr=math.inf)
     _reports(controller, {"probes": 2, "batch_size": batch_size}, steps=2)
-    assert sizes == [12, 12]
+    assert sizes == [12, 12, 12]  # the first batch's dry run, then two recalibrations
 
 
 def test_bad_options_fail_at_construction_not_at_the_first_recalibration():

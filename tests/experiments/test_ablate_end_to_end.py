@@ -220,12 +220,12 @@ def test_bundled_configs_parse():
     from layerwise.experiments.config import load_config
     from layerwise.experiments.plan import final_specs, lr_grid, tuning_specs
 
-    for name in ("quickstart", "full", "tiny"):
+    for name in ("quickstart", "full", "tiny", "control", "regimes"):
         config = load_config(resolve_config_path(name))
         assert "uniform" in config.policies and tuning_specs(config)
     full = load_config(resolve_config_path("full"))
-    assert len(full.tasks) == 6 and len(full.policies) == 7 and len(full.seeds) == 5
-    assert len(final_specs(full, dict.fromkeys(lr_grid(full), 1e-3))) == 6 * 7 * 5
+    assert len(full.tasks) == 10 and len(full.policies) == 9 and len(full.seeds) == 5
+    assert len(final_specs(full, dict.fromkeys(lr_grid(full), 1e-3))) == 10 * 9 * 5
 
 
 @pytest.mark.slow

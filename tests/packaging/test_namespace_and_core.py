@@ -25,6 +25,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRAS = ("matplotlib", "rich", "sklearn", "mnist1d", "pyarrow")
+#: The other extras' packages: trainer integrations (imported by layerwise.engine.lightning and
+#: layerwise.engine.huggingface only), the Ray backend, the model zoo.
+OTHER_EXTRAS = (
+    "lightning", "pytorch_lightning", "transformers", "accelerate", "ray", "timm", "torchvision",
+)  # fmt: skip
 
 USER_MODULE = textwrap.dedent(
     """
@@ -97,7 +102,7 @@ def test_bundled_configs_are_ours_from_any_folder(user_folder):
     assert unknown.returncode == 2, unknown.stderr
     assert unknown.stderr == (
         "layerwise ablate: error: config 'nosuch' is neither a file nor a bundled config "
-        "(full, quickstart, tiny)\n"
+        "(control, full, quickstart, regimes, tiny)\n"
     )
     code = (
         "from layerwise.experiments.commands.ablate import resolve_config_path\n"
@@ -113,7 +118,7 @@ def test_importing_the_core_loads_no_optional_package():
     code = (
         "import sys\n"
         "import layerwise.sensitivity, layerwise.policies, layerwise.engine\n"
-        f"print([m for m in {(*EXTRAS, 'pandas')!r} if m in sys.modules])\n"
+        f"print([m for m in {(*EXTRAS, *OTHER_EXTRAS, 'pandas')!r} if m in sys.modules])\n"
     )
     out = _run([sys.executable, "-c", code], ROOT)
     assert out.returncode == 0, out.stderr
@@ -145,6 +150,39 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
     assert report.stderr == (
         "layerwise report: error: matplotlib is not installed (extra 'experiments'): "
         "pip install 'layerwise-lr[experiments]'\n"
+    )
+
+
+#: Imports a trainer integration with its package made unimportable.
+BLOCKED_IMPORT = textwrap.dedent(
+    """
+    import importlib, sys
+    class Block:
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == sys.argv[1]:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, Block())
+    try:
+        importlib.import_module(sys.argv[2])
+    except ImportError as err:
+        print(type(err).__name__, err, sep=": ")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("blocked", "module", "extra"),
+    [
+        ("lightning", "layerwise.engine.lightning", "lightning"),
+        ("transformers", "layerwise.engine.huggingface", "huggingface"),
+    ],
+)
+def test_a_missing_trainer_extra_is_one_line_naming_it(blocked, module, extra):
+    out = _run([sys.executable, "-c", BLOCKED_IMPORT, blocked, module], ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (
+        f"MissingExtraError: {blocked} is not installed (extra {extra!r}): "
+        f"pip install 'layerwise-lr[{extra}]'\n"
     )
 
 
@@ -190,4 +228,4 @@ def test_the_core_requirements_are_the_four(wheel):
     core = sorted(re.split(r"[<>=!~ ;\[]", r)[0].lower() for r in requires if "extra ==" not in r)
     assert core == ["numpy", "pandas", "scipy", "torch"]
     extras = {r.split("extra ==")[1].strip().strip("\"'") for r in requires if "extra ==" in r}
-    assert extras == {"experiments", "dev"}
+    assert extras == {"experiments", "lightning", "huggingface", "ray", "zoo", "dev"}
