@@ -166,17 +166,19 @@ DEFAULT_OUTPUT_LOSS = "model(**batch).loss (the model's own mean loss)"
 
 
 def output_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The loss a model computes itself from a mapping batch, ``model(**batch).loss`` (a
-    Hugging Face model given ``labels``: its mean loss; a dict output's ``"loss"``)."""
-    out = model(**batch)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
+    """The loss a model computes itself from a mapping batch,
+    :func:`layerwise.sensitivity.model_output_loss` (``model(**batch).loss``: a Hugging Face
+    model given ``labels``, its mean loss); a model that returns none is a usage error."""
+    from layerwise.sensitivity import model_output_loss
+
+    try:
+        return model_output_loss(model, batch)
+    except ValueError as exc:
+        if "returned no loss" not in str(exc):
+            raise
         raise UsageError(
-            f"the default loss for dict batches is model(**batch).loss, but the model returned "
-            f"a {type(out).__name__} without a loss (no labels in the batch, keys "
-            f"{sorted(batch)}?); give --loss"
-        )
-    return loss
+            f"the default loss for dict batches: {first_line(exc)}; give --loss"
+        ) from exc
 
 
 def resolve_loss(spec: str) -> LossFn:

@@ -15,17 +15,16 @@ parameters). Three kinds:
   torchvision was compiled against; the tests skip them, with the reason, where they cannot
   be imported (see the README).
 
-The losses that run attention select PyTorch's math backend of
-``F.scaled_dot_product_attention`` themselves (:func:`math_attention`): the fused CPU and
-CUDA kernels have no second derivative, and the estimator differentiates the loss twice.
+The losses call the models as users do: attention through ``F.scaled_dot_product_attention``
+(the estimator selects its twice-differentiable math backend itself), BERT with a padding
+mask (per-example statistics fall back to micro-batches by themselves).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,19 +35,9 @@ from layerwise.sensitivity import CrossEntropy
 
 from . import replicas
 
-__all__ = ["CASES", "ZooCase", "math_attention", "missing"]
+__all__ = ["CASES", "ZooCase", "missing"]
 
 CLASSES, VOCAB, SEQ = 5, 50, 10
-
-
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """``F.scaled_dot_product_attention`` through its math backend, which autograd can
-    differentiate twice (the flash and memory-efficient kernels cannot)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 @functools.cache
@@ -111,8 +100,7 @@ def _images(size: int) -> Callable[[torch.Generator], tuple[Tensor, Tensor]]:
 
 
 def _image_logits(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    with math_attention():
-        return model(batch[0])
+    return model(batch[0])
 
 
 #: Mean cross-entropy of ``model(images)`` against ``labels``, as a loss object.
@@ -129,8 +117,7 @@ def _padded_text(g: torch.Generator) -> dict[str, Tensor]:
 
 
 def _classifier_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    with math_attention():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 #: Mean cross-entropy of a sequence classifier's ``.logits`` against ``labels``.
@@ -142,8 +129,7 @@ def _tokens(g: torch.Generator) -> dict[str, Tensor]:
 
 
 def _next_token_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    with math_attention():
-        return model(input_ids=batch["input_ids"]).logits[:, :-1]
+    return model(input_ids=batch["input_ids"]).logits[:, :-1]
 
 
 #: Mean next-token cross-entropy of a causal language model's ``.logits`` [N, T, V].
@@ -214,10 +200,6 @@ def _timm_resnetv2() -> nn.Module:
 RESNET_BLOCKS = tuple(f"layer.{i}" for i in range(8))
 VIT_HEAD = ("head.weight", "head.bias")
 RESNET_HEAD = ("fc.weight", "fc.bias")
-PADDING_MASK = (
-    "the padding mask of transformers' BERT calls data-dependent code that per-example vmap "
-    "cannot trace; micro-batch variance until the estimator falls back by itself"
-)
 
 CASES: tuple[ZooCase, ...] = (
     ZooCase(
@@ -252,9 +234,6 @@ CASES: tuple[ZooCase, ...] = (
         ("stem", "layer.0", "layer.1", "bert.pooler.dense", "head"),
         ("classifier.weight", "classifier.bias"),
         requires=("transformers",),
-        estimator={"variance": "micro_batch"},
-        why=PADDING_MASK,
-        failing_rules={"curvature_ggn": "the per-example GGN terms take vmap too: " + PADDING_MASK},
     ),
     ZooCase(
         "gpt2-tied",
