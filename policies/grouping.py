@@ -266,7 +266,8 @@ class ParamGroups(Sequence[ParamGroup]):
         }
 
     def footer(self) -> list[str]:
-        """The lines under the table: totals, frozen and tied parameters."""
+        """The lines under the table: totals, frozen and tied parameters (each alias with the
+        name it is grouped under and the group that holds it)."""
         plural = "group" if len(self) == 1 else "groups"
         lines = [f"total: {len(self)} {plural}, {self.num_params:,} trainable scalars"]
         lines.append(
@@ -275,7 +276,11 @@ class ParamGroups(Sequence[ParamGroup]):
             else "frozen (left out): none"
         )
         if self._tied:
-            pairs = [f"{a} -> {b}" for a, b in self._tied.items()]
+            owner = {n: g.name for g in self for n in g.param_names}
+            pairs = [
+                f"{a} -> {b}" + (f" (group {owner[b]})" if b in owner else " (frozen)")
+                for a, b in self._tied.items()
+            ]
             lines.append(f"tied (grouped once): {', '.join(pairs)}")
         return lines
 

@@ -10,6 +10,17 @@ through to the repeated layers inside it. Nested repeats (stages of blocks) give
 level; the ``blocks`` option replaces the rule by patterns that fully match block paths
 (``blocks=r"stages\.\d+\.blocks\.\d+"``).
 
+What it finds on the common model families (tested on each, ``tests/zoo``): torchvision's
+and timm's ResNets give ``conv1``/``bn1`` as the stem, their blocks ``layer1.0`` ..
+``layer4.1`` (the fine grouping of timm's ``group_matcher``; ``blocks=r"layer\d+"`` gives
+the four stages) and ``fc`` as the head; timm's ViT ``cls_token``, ``pos_embed`` and
+``patch_embed`` as the stem, ``blocks.N``, ``norm``, ``head``; timm's staged models
+(``stages.N.blocks.M``) their stages; Hugging Face BERT ``bert.embeddings``,
+``bert.encoder.layer.N``, ``bert.pooler.dense``, ``classifier``; GPT-2 ``transformer.wte`` and
+``wpe``, ``transformer.h.N``, ``transformer.ln_f`` (its ``lm_head`` is tied to ``wte``, so it is
+the head only when ``head=`` names it); Llama-style decoders ``model.embed_tokens``,
+``model.layers.N``, ``model.norm``, ``lm_head``.
+
 Units, in registration order (the order of ``named_parameters()``):
 
 * when the model has blocks: everything before the first block is ``stem``; each block is
@@ -17,7 +28,8 @@ Units, in registration order (the order of ``named_parameters()``):
   is one unit named after its modules' common path (``encoder.norm``);
 * when it has none: each module owning parameters is ``layer.<i>``, a normalisation
   module joining the layer before it (``Linear`` + ``BatchNorm1d`` is one layer);
-* the head, if any, is ``head``, always last.
+* the head, if any, is ``head``, always last (also when a tied head's shared weight was
+  registered first, by the input embedding).
 
 Frozen parameters count: unit names and order are those of the whole model.
 """

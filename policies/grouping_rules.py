@@ -202,7 +202,9 @@ def find_default_head(
     The head is the last module owning parameters in registration order, if it is
     Linear-like and not inside a block. Otherwise the path is None and ``why`` says why.
     Its parameters are those it owns under their first name: a head tied to an earlier
-    module (an output layer sharing the input embedding) owns none, and ``why`` says so.
+    module (an output layer sharing the input embedding, GPT-2's ``lm_head``) owns none, so
+    the shared weight stays with the module that registered it first, and ``why`` says so
+    (``head=`` patterns may name the alias, which moves the shared weight to the head).
     """
     owners = [
         (path, module)
@@ -230,5 +232,8 @@ def find_default_head(
         for alias, first in params.tied.items()
         if alias.rpartition(".")[0] == path
     ]
-    why = f"the last Linear-like module {shown} owns no parameter of its own ({', '.join(ties)})"
+    why = (
+        f"the last Linear-like module {shown} owns no parameter of its own ({', '.join(ties)}); "
+        f"head=[{path!r}] makes the tied weight the head"
+    )
     return path, (), why

@@ -130,6 +130,8 @@ def group_parameters(
         split: _Split = [("", list(params.trainable))]
     elif base == "depth":
         split = _by_key(params.trainable, lambda n: units.names[units.unit_of[n]])
+        # input to output: a tied head's weight may come first in registration order
+        split.sort(key=lambda item: units.unit_of[item[1][0]])
         split = merge_units(split, num_groups) if num_groups is not None else split
     elif base == "module":
         split = _by_key(params.trainable, lambda n: params.modules[n] or "(root)")
@@ -225,18 +227,15 @@ def _find_head(
         _, names, why = find_default_head(model, params, block_of)
         return names, why
     pats = compile_patterns(head, argument="head", syntax=syntax)
-    names = tuple(n for n in params.names if any(p.matches(n) for p in pats))
     shown = [p.source for p in pats]
+    # a tied head (an output layer sharing the input embedding) is named by its alias:
+    # the shared tensor, grouped under its first name, goes to the head
+    via_alias = {params.tied[a] for a in params.tied if any(p.matches(a) for p in pats)}
+    names = tuple(n for n in params.names if n in via_alias or any(p.matches(n) for p in pats))
     if not names:
-        aliases = [a for a in params.tied if any(p.matches(a) for p in pats)]
-        hint = (
-            f" ({', '.join(f'{a!r} is tied to {params.tied[a]!r}' for a in aliases)}, "
-            "grouped under that first name)"
-            if aliases
-            else ""
-        )
-        raise ValueError(f"head: no parameter matches {shown!r}{hint}")
-    return names, f"head patterns {shown!r}"
+        raise ValueError(f"head: no parameter matches {shown!r}")
+    ties = [f"{a!r} is {params.tied[a]!r}" for a in params.tied if params.tied[a] in names]
+    return names, f"head patterns {shown!r}" + (f" (tied: {', '.join(ties)})" if ties else "")
 
 
 def _by_key(names: Sequence[str], key: Any) -> _Split:

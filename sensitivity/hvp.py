@@ -13,8 +13,9 @@ forward + backward pass and never form H.
   outlives the call, so memory is bounded by the chunk.
 * ``"vjp"`` (reverse over reverse): the forward pass and the first backward pass run once,
   on the first call, and their graph is kept; every chunk then costs one batched second
-  backward pass. Cheaper when there are many chunks, at the memory cost of holding the
-  graph of the first backward pass until the product object is released.
+  backward pass (on the CPU, one second backward pass per probe, which costs less there).
+  Cheaper when there are many chunks, at the memory cost of holding the graph of the first
+  backward pass until the product object is released.
 * ``"auto"``: ``"vjp"`` on CPU, where it measured faster in every configuration of
   ``python -m layerwise.experiments.benchmarks.sensitivity`` (MLP and CNN, batch 32 and 128:
   0.85-1.6
@@ -91,6 +92,17 @@ def loss_gradient(
     return dict(zip(live, grads, strict=True))
 
 
+def _probe_by_probe(vjp_fn: Callable[..., Any], probes: Params) -> Params:
+    """``vmap(vjp_fn)(probes)[0]`` as a loop over the probes: on the CPU, one second
+    backward pass per probe costs less than the batched one for every model but the
+    smallest (``python -m layerwise.experiments.benchmarks.zoo --section resnet``: ResNet-18 with
+    BatchNorm 1.9 against 2.7 to 3.3 units per probe; convolutions with a batched weight run as
+    grouped convolutions, slower than the same convolutions one at a time)."""
+    count = next(iter(probes.values())).shape[0]
+    rows = [vjp_fn({n: v[k] for n, v in probes.items()})[0] for k in range(count)]
+    return {n: torch.stack([row[n] for row in rows]) for n in probes}
+
+
 class HessianProduct:
     """``hp(V)``: the products ``H v`` for a chunk of probes ``V = {name: (c, *shape)}``.
 
@@ -150,6 +162,8 @@ class HessianProduct:
             return products
         if self._vjp_fn is None:
             self.gradient, self._vjp_fn = vjp(self._grad_fn, self._values)
+        if next(iter(probes.values())).device.type == "cpu":
+            return _probe_by_probe(self._vjp_fn, probes)
         return vmap(self._vjp_fn, randomness="same")(probes)[0]
 
     def _explain(self, exc: BaseException) -> Exception:

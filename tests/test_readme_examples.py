@@ -68,3 +68,4 @@ def test_readme_python_examples_run_in_order():
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["report"].names == list(namespace["groups"].names)
     assert namespace["opt"].steps == len(loader)
+    assert namespace["lm_groups"]["head"].param_names == ("transformer.wte.weight",)

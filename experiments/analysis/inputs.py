@@ -4,7 +4,9 @@
 list, a generator), ``--loss`` (:func:`resolve_loss`: a loss object such as
 :class:`layerwise.sensitivity.CrossEntropy`, a factory returning one, or a
 ``function(model, batch) -> mean loss``; by default :data:`DEFAULT_CROSS_ENTROPY`,
-cross-entropy on ``(inputs, targets)`` as a loss object) and ``--device``.
+cross-entropy on ``(inputs, targets)`` as a loss object, and for batches that are mappings
+(a Hugging Face collator's dicts or ``BatchEncoding``) :func:`output_loss`, the model's own
+``model(**batch).loss``) and ``--device``.
 
 Errors in what the user typed are :class:`~layerwise.experiments.errors.UsageError` (exit 2),
 the user's own code failing a :class:`~layerwise.experiments.errors.CLIError` (exit 1), each one
@@ -38,6 +40,7 @@ __all__ = [
     "DEFAULT_LOSS",
     "Inputs",
     "cross_entropy_loss",
+    "output_loss",
     "parse_device",
     "resolve_loss",
     "user_inputs",
@@ -116,6 +119,11 @@ def _load_batches(spec: str, *, limit: int) -> list[Any]:
         raise CLIError(f"--data {spec!r} failed while yielding batches: {first_line(exc)}") from exc
     if not batches:
         raise UsageError(f"--data {spec!r} yielded no batches")
+    # a mapping that is not a dict (transformers' BatchEncoding is a UserDict) becomes one,
+    # so that moving, casting and splitting see its tensors
+    batches = [
+        dict(b) if isinstance(b, Mapping) and not isinstance(b, dict) else b for b in batches
+    ]
     for i, batch in enumerate(batches):
         try:
             batch_size_of(batch)
@@ -153,6 +161,24 @@ def _default_targets(batch: Any) -> torch.Tensor:
 #: The default ``--loss``: :func:`cross_entropy_loss` as a loss object (so ``ggn_trace`` and
 #: the ``curvature_ggn`` policy work on it).
 DEFAULT_CROSS_ENTROPY = CrossEntropy(_default_outputs, _default_targets)
+#: The default ``--loss`` for batches that are mappings (Hugging Face style).
+DEFAULT_OUTPUT_LOSS = "model(**batch).loss (the model's own mean loss)"
+
+
+def output_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The loss a model computes itself from a mapping batch,
+    :func:`layerwise.sensitivity.model_output_loss` (``model(**batch).loss``: a Hugging Face
+    model given ``labels``, its mean loss); a model that returns none is a usage error."""
+    from layerwise.sensitivity import model_output_loss
+
+    try:
+        return model_output_loss(model, batch)
+    except ValueError as exc:
+        if "returned no loss" not in str(exc):
+            raise
+        raise UsageError(
+            f"the default loss for dict batches: {first_line(exc)}; give --loss"
+        ) from exc
 
 
 def resolve_loss(spec: str) -> LossFn:
@@ -220,13 +246,17 @@ def user_inputs(args: Any, *, device: torch.device, dtype: torch.dtype) -> Input
     model = model.to(device=device, dtype=dtype)
     raw = _load_batches(args.data, limit=args.batches)
     batches = [_move_batch(b, device, dtype) for b in raw]
-    loss_fn = DEFAULT_CROSS_ENTROPY if args.loss is None else resolve_loss(args.loss)
+    mapping = isinstance(raw[0], Mapping)
+    default, described = (
+        (output_loss, DEFAULT_OUTPUT_LOSS) if mapping else (DEFAULT_CROSS_ENTROPY, DEFAULT_LOSS)
+    )
+    loss_fn = default if args.loss is None else resolve_loss(args.loss)
     name = "the default loss" if args.loss is None else f"--loss {args.loss!r}"
     manifest = {
         "model": {"source": args.model, "class": type(model).__qualname__},
         "checkpoint": checkpoint,
         "data": {"source": args.data, "batches": len(raw), "sha256": _batches_sha256(raw)},
-        "loss": args.loss or DEFAULT_LOSS,
+        "loss": args.loss or described,
         "first_batch_loss": _first_loss(model, loss_fn, batches[0], name=name),
     }
     return Inputs(model, loss_fn, batches, manifest)

@@ -25,11 +25,14 @@ examples:
   layerwise analyze
   layerwise analyze --model mypkg.models:make_net --checkpoint run/ckpt.pt \\
       --data mypkg.data:train_batches --strategy module --policy noise --out analysis/
+  layerwise analyze --model mypkg.hf:make_gpt2 --data mypkg.hf:collated_batches \
+      --strategy depth --head lm_head --quantities grad_norm grad_variance
 
 --model (a bundled name or a factory), --data (a factory returning an iterable of batches)
 and --loss (loss(model, batch) -> mean loss, or a loss object or a factory returning one,
 e.g. layerwise.sensitivity.CrossEntropy(forward, target); default: cross-entropy on
-(inputs, targets), a loss object) are import paths; the grouping flags are those of
+(inputs, targets), a loss object; for dict batches, such as a Hugging Face collator's,
+model(**batch).loss) are import paths; the grouping flags (--strategy, --head, ...) are those of
 `layerwise groups`. --quantities picks what is estimated (default: all, which leaves out
 ggn_trace); the policy's own quantities are always added, so --policy curvature_ggn
 estimates ggn_trace, which needs a loss object. --out DIR receives
@@ -159,10 +162,15 @@ def _check_loss(inputs: Any, quantities: tuple[str, ...], args: argparse.Namespa
 
     if "ggn_trace" in quantities and not isinstance(inputs.loss_fn, OutputLoss):
         why = "--policy " + args.policy if "ggn_trace" not in args.quantities else "--quantities"
+        given = (
+            f"--loss {args.loss!r}"
+            if args.loss
+            else f"the default loss of these batches, {inputs.manifest['loss']},"
+        )
         raise UsageError(
             f"ggn_trace (asked for by {why}) needs --loss to give a loss object, e.g. a factory "
-            "returning layerwise.sensitivity.CrossEntropy(forward, target); --loss "
-            f"{args.loss!r} gives a plain function"
+            f"returning layerwise.sensitivity.CrossEntropy(forward, target); {given} gives a "
+            "plain function"
         )
 
 

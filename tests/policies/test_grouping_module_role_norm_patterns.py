@@ -140,6 +140,22 @@ def test_tied_parameters_appear_once_under_their_first_name():
     torch.optim.SGD(groups.to_optimizer_groups(lr=0.1), lr=0.1)
 
 
+@pytest.mark.parametrize("head", ["lm_head", r"^lm_head\.", ["lm_head.weight"]])
+@pytest.mark.parametrize("strategy", ["role", "depth", "depth+norm"])
+def test_a_tied_head_named_by_its_alias_takes_the_shared_weight(strategy, head):
+    model = TiedLM()
+    groups = group_parameters(model, strategy, head=head)
+    assert groups["head"].param_names == ("embed.weight",)
+    assert groups["head"].role == "head" and groups[-1].name.startswith("head")
+    assert groups.tied == {"lm_head.weight": "embed.weight"}
+    flat = [n for g in groups for n in g.param_names]
+    assert sorted(flat) == sorted(n for n, _ in model.named_parameters())  # once each
+    assert "tied: 'lm_head.weight' is 'embed.weight'" in groups.options["head_found"]
+    if strategy == "depth":
+        assert groups.names == ("layer.0", "layer.1", "norm", "head")  # no stem left
+    torch.optim.SGD(groups.to_optimizer_groups(lr=0.1), lr=0.1)
+
+
 def test_role_on_a_tied_model_with_a_named_head():
     groups = group_parameters(TiedLM(), "role", head="norm")
     assert groups.mapping()["head"] == ["norm.weight", "norm.bias"]

@@ -50,7 +50,9 @@ def test_printed_table_shows_counts_and_frozen_line():
     assert frozen[-1].endswith("and 1 more")
 
     tied = str(group_parameters(TiedLM(), "depth")).splitlines()
-    assert tied[-1] == "tied (grouped once): lm_head.weight -> embed.weight"
+    assert tied[-1] == "tied (grouped once): lm_head.weight -> embed.weight (group stem)"
+    as_head = str(group_parameters(TiedLM(), "depth", head="lm_head")).splitlines()
+    assert as_head[-1] == "tied (grouped once): lm_head.weight -> embed.weight (group head)"
 
 
 def test_manifest_is_json_and_complete():
