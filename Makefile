@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/layerwise ablate quickstart --out runs/quickstart --workers 2
 
-# The project's current findings: the `findings` ablation (about 35 minutes on two
+# The project's current findings: the `findings` ablation (about 10 minutes on two
 # cores; resumable: run it again after an interruption), then docs/findings.md and its
 # figures under docs/findings/.
 findings: $(STAMP)
