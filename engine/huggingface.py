@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from layerwise.engine.history import History
+from layerwise.engine.nonfinite import DEFAULT_MAX_NONFINITE_STEPS
 from layerwise.engine.optimizer import LayerwiseOptimizer
 from layerwise.engine.trainer_support import (
     CurrentBatch,
@@ -110,7 +111,7 @@ class LayerwiseCallback(transformers.TrainerCallback):
         estimator: Any = None,
         callback: Any = None,
         seed: int = 0,
-        max_nonfinite_steps: int = 10,
+        max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
     ) -> None:
         self.settings = EngineSettings(
             controller,

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from layerwise.engine.history import History
+from layerwise.engine.nonfinite import DEFAULT_MAX_NONFINITE_STEPS
 from layerwise.engine.optimizer import LayerwiseOptimizer
 from layerwise.engine.trainer_support import (
     CurrentBatch,
@@ -99,7 +100,7 @@ class LayerwiseCallback(pl.Callback):
         estimator: Any = None,
         callback: Any = None,
         seed: int = 0,
-        max_nonfinite_steps: int = 10,
+        max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
     ) -> None:
         super().__init__()
         self.settings = EngineSettings(

@@ -160,23 +160,20 @@ class CrossEntropy(OutputLoss):
 
     def criterion(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.check(outputs, targets)
-        classes = outputs.shape[-1]
-        return F.cross_entropy(
-            outputs.reshape(-1, classes),
-            targets.reshape(-1),
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-        )
+        return self._flat(outputs, targets, "mean")
 
     def summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Σ_t ℓ_t over the tokens that are not ``ignore_index`` (0 when there is none)."""
-        classes = outputs.shape[-1]
+        return self._flat(outputs, targets, "sum")
+
+    def _flat(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """``F.cross_entropy`` over every position, classes along the last dimension."""
         return F.cross_entropy(
-            outputs.reshape(-1, classes),
+            outputs.reshape(-1, outputs.shape[-1]),
             targets.reshape(-1),
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
-            reduction="sum",
+            reduction=reduction,
         )
 
     def normaliser(self, targets: torch.Tensor) -> torch.Tensor:
