@@ -52,13 +52,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vmap
 
 from layerwise.sensitivity.attention import twice_differentiable_attention
 from layerwise.sensitivity.errors import explain, is_double_backward_error
 from layerwise.sensitivity.functional import RngReplay
 
-__all__ = ["HVP_MODES", "HessianProduct", "choose_hvp_mode", "loss_gradient"]
+__all__ = ["HVP_MODES", "HessianProduct", "batch_probes", "choose_hvp_mode", "loss_gradient"]
 
 HVP_MODES = ("auto", "jvp", "vjp")
 
@@ -74,6 +74,12 @@ def choose_hvp_mode(mode: str, calls: int, device: torch.device | str = "cpu") -
     if torch.device(device).type == "cpu":
         return "vjp"
     return "jvp" if calls <= 1 else "vjp"
+
+
+def batch_probes(device: torch.device | str, values: Params, batch: Any) -> bool:
+    """Whether a chunk of probes runs as one batched second backward pass (``True``) or
+    one pass per probe (``False``), in ``"vjp"`` mode (see the module docstring)."""
+    return torch.device(device).type != "cpu"
 
 
 def loss_gradient(
@@ -92,25 +98,30 @@ def loss_gradient(
     return dict(zip(live, grads, strict=True))
 
 
-def _probe_by_probe(vjp_fn: Callable[..., Any], probes: Params) -> Params:
-    """``vmap(vjp_fn)(probes)[0]`` as a loop over the probes: on the CPU, one second
-    backward pass per probe costs less than the batched one for every model but the
-    smallest (``python -m layerwise.experiments.benchmarks.zoo --section resnet``: ResNet-18 with
-    BatchNorm 1.9 against 2.7 to 3.3 units per probe; convolutions with a batched weight run as
-    grouped convolutions, slower than the same convolutions one at a time)."""
-    count = next(iter(probes.values())).shape[0]
-    rows = [vjp_fn({n: v[k] for n, v in probes.items()})[0] for k in range(count)]
-    return {n: torch.stack([row[n] for row in rows]) for n in probes}
+def _unit_dots(probe: Params, product: Params | tuple[torch.Tensor, ...], names: list[str]):
+    """``[vᵀ(Hv)]`` per parameter of one probe (1-D tensors of one element each)."""
+    if isinstance(product, dict):
+        product = tuple(product[n] for n in names)
+    device = probe[names[0]].device
+    return [
+        torch.dot(probe[n].reshape(-1), hv.reshape(-1)).to(device)
+        for n, hv in zip(names, product, strict=True)
+    ]
 
 
 class HessianProduct:
-    """``hp(V)``: the products ``H v`` for a chunk of probes ``V = {name: (c, *shape)}``.
+    """``hp(V)``: the products ``H v`` for a chunk of probes ``V = {name: (c, *shape)}``;
+    ``hp.quadratic_forms(V)``: the terms ``v_kᵀ (H v_k)_name`` (c, names) without keeping
+    the products (what Hutchinson's estimator needs).
 
     ``H`` is the Hessian of ``loss(values, batch)`` with respect to ``values``;
     ``hp.gradient`` is the gradient at ``values`` (available after the first call);
     ``hp.mode`` is the mode actually used (``"jvp"`` or ``"vjp"``): with ``fallback``,
     a ``"jvp"`` product whose first call fails switches to ``"vjp"`` and records why in
-    ``hp.fell_back``. An operator that has no second derivative at all raises
+    ``hp.fell_back``. ``batched``: in ``"vjp"`` mode, whether a chunk is one batched
+    second backward pass (``True``) or one per probe (``False``); ``None`` (default)
+    decides by :func:`batch_probes`. Either way the products are the same up to float
+    round-off. An operator that has no second derivative at all raises
     :class:`~layerwise.sensitivity.errors.DoubleBackwardError` naming the module that runs it.
     """
 
@@ -123,35 +134,117 @@ class HessianProduct:
         rng: RngReplay | None = None,
         model: torch.nn.Module | None = None,
         fallback: bool = True,
+        batched: bool | None = None,
     ) -> None:
         if mode not in ("jvp", "vjp"):
             raise ValueError(f"mode must be 'jvp' or 'vjp', got {mode!r}")
+        if batched is not None and not isinstance(batched, bool):
+            raise TypeError(f"batched must be a bool or None, got {batched!r}")
         self.mode, self.fallback, self.fell_back = mode, fallback, None
+        self.batched = batched
         self.gradient: Params | None = None
         self._loss, self._values, self._batch = loss, values, batch
         self._rng, self._model = rng, model
-        self._vjp_fn: Callable[..., Any] | None = None
+        self._names = list(values)
+        self._graph: tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None = None
         self._grad_fn = grad(lambda p: loss(p, batch))
 
     def __call__(self, probes: Params) -> Params:
+        return self._guarded(self._product, probes)
+
+    def quadratic_forms(self, probes: Params) -> torch.Tensor:
+        """``(c, len(values))``: ``v_kᵀ (H v_k)_name`` for each probe k and parameter, in the
+        order of ``values``. Probe by probe (``batched`` false) the products of a chunk are
+        never held together: a (c × parameters) tensor is neither allocated nor written."""
+        return self._guarded(self._forms, probes)
+
+    def _guarded(self, run: Callable[[Params], Any], probes: Params) -> Any:
         try:
             with twice_differentiable_attention():
-                return self._product(probes)
+                return run(probes)
         except (RuntimeError, NotImplementedError) as exc:
             if self.mode == "jvp" and self.fallback and self.gradient is None:
                 # forward mode failed on the first call: an operator without a forward-mode
                 # derivative, or a PyTorch bug such as pytorch/pytorch#123996 (F.mse_loss
                 # under jvp of grad); reverse over reverse needs neither
                 self.mode, self.fell_back = "vjp", f"{type(exc).__name__}: {exc}"[:200]
-                return self(probes)
+                return self._guarded(run, probes)
             if is_double_backward_error(exc):
                 raise self._explain(exc) from exc
             raise
 
+    def _forms(self, probes: Params) -> torch.Tensor:
+        names = self._names
+        if self.mode == "vjp" and not self._is_batched(probes):
+            leaves, grads, live = self._first_order()
+            count = next(iter(probes.values())).shape[0]
+            rows = []
+            for k in range(count):
+                probe = {n: probes[n][k] for n in names}
+                rows.append(
+                    torch.stack(_unit_dots(probe, self._second(leaves, grads, live, probe), names))
+                )
+            return torch.stack(rows)
+        products = self._product(probes)
+        count = next(iter(probes.values())).shape[0]
+        return torch.stack(
+            [
+                torch.linalg.vecdot(
+                    probes[n].reshape(count, -1), products[n].reshape(count, -1)
+                ).to(probes[names[0]].device)
+                for n in names
+            ],
+            dim=1,
+        )
+
+    def _is_batched(self, probes: Params) -> bool:
+        if self.batched is None:
+            first = next(iter(probes.values()))
+            self.batched = batch_probes(first.device, self._values, self._batch)
+        return self.batched
+
+    def _first_order(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        """The forward and first backward pass, once, their graph kept (``create_graph``):
+        fresh leaves sharing the values' storage, the gradients that depend on them, and
+        the positions of those gradients among the parameters."""
+        if self._graph is None:
+            if self._rng is not None:
+                self._rng.replay()
+            leaves = [self._values[n].detach().requires_grad_(True) for n in self._names]
+            with torch.enable_grad():
+                out = self._loss(dict(zip(self._names, leaves, strict=True)), self._batch)
+                grads = (
+                    torch.autograd.grad(out, leaves, create_graph=True, materialize_grads=True)
+                    if out.requires_grad
+                    else tuple(torch.zeros_like(v) for v in leaves)
+                )
+            self.gradient = {n: g.detach() for n, g in zip(self._names, grads, strict=True)}
+            live = [i for i, g in enumerate(grads) if g.requires_grad]
+            self._graph = (leaves, [grads[i] for i in live], live)
+        return self._graph
+
+    def _second(
+        self,
+        leaves: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        live: list[int],
+        probe: Params,
+        batched: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """One second backward pass: ``H v`` for ``probe`` (a chunk with ``batched``)."""
+        if not grads:  # no gradient depends on the parameters: H = 0
+            return tuple(torch.zeros_like(probe[n]) for n in self._names)
+        vs = [probe[self._names[i]] for i in live]
+        with torch.enable_grad():
+            return torch.autograd.grad(
+                grads, leaves, vs, retain_graph=True, materialize_grads=True,
+                is_grads_batched=batched,
+            )  # fmt: skip
+
     def _product(self, probes: Params) -> Params:
-        if self._rng is not None and (self.mode == "jvp" or self._vjp_fn is None):
-            self._rng.replay()
         if self.mode == "jvp":
+            if self._rng is not None:
+                self._rng.replay()
 
             def one(v: Params) -> tuple[Params, Params]:
                 return jvp(self._grad_fn, (self._values,), (v,))
@@ -160,11 +253,16 @@ class HessianProduct:
             if self.gradient is None:
                 self.gradient = {n: g[0] for n, g in grads.items()}
             return products
-        if self._vjp_fn is None:
-            self.gradient, self._vjp_fn = vjp(self._grad_fn, self._values)
-        if next(iter(probes.values())).device.type == "cpu":
-            return _probe_by_probe(self._vjp_fn, probes)
-        return vmap(self._vjp_fn, randomness="same")(probes)[0]
+        leaves, grads, live = self._first_order()
+        if self._is_batched(probes):
+            out = self._second(leaves, grads, live, probes, batched=True)
+            return dict(zip(self._names, out, strict=True))
+        count = next(iter(probes.values())).shape[0]
+        rows = [
+            self._second(leaves, grads, live, {n: v[k] for n, v in probes.items()})
+            for k in range(count)
+        ]
+        return {n: torch.stack([row[i] for row in rows]) for i, n in enumerate(self._names)}
 
     def _explain(self, exc: BaseException) -> Exception:
         if self._model is None:
