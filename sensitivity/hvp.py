@@ -48,17 +48,29 @@ tensor([ 2., -4.,  6.])
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.func import grad, jvp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 from layerwise.sensitivity.attention import twice_differentiable_attention
 from layerwise.sensitivity.errors import explain, is_double_backward_error
 from layerwise.sensitivity.functional import RngReplay
 
-__all__ = ["HVP_MODES", "HessianProduct", "batch_probes", "choose_hvp_mode", "loss_gradient"]
+__all__ = [
+    "BATCHED_BELOW_FLOPS",
+    "HVP_MODES",
+    "HessianProduct",
+    "batch_probes",
+    "choose_hvp_mode",
+    "loss_gradient",
+]
 
 HVP_MODES = ("auto", "jvp", "vjp")
 
@@ -76,10 +88,57 @@ def choose_hvp_mode(mode: str, calls: int, device: torch.device | str = "cpu") -
     return "jvp" if calls <= 1 else "vjp"
 
 
-def batch_probes(device: torch.device | str, values: Params, batch: Any) -> bool:
-    """Whether a chunk of probes runs as one batched second backward pass (``True``) or
-    one pass per probe (``False``), in ``"vjp"`` mode (see the module docstring)."""
-    return torch.device(device).type != "cpu"
+#: On the CPU, a chunk of probes is one batched second backward pass when one forward and
+#: backward pass of the loss takes fewer floating-point operations than this (counted as
+#: :mod:`torch.utils.flop_counter` counts them: matrix products and convolutions), and one
+#: second backward pass per probe otherwise (module docstring).
+BATCHED_BELOW_FLOPS = 12e6
+
+
+def batch_probes(device: torch.device | str, flops: float | None) -> bool:
+    """Whether a chunk of probes runs as one batched second backward pass (``True``) or as
+    one pass per probe (``False``) in ``"vjp"`` mode, on ``device`` for a loss whose
+    forward and first backward pass take ``flops`` floating-point operations (module
+    docstring). Batched on accelerators; on the CPU batched below
+    :data:`BATCHED_BELOW_FLOPS` (or when ``flops`` is ``None``, unknown)."""
+    if torch.device(device).type != "cpu" or flops is None:
+        return True
+    return flops < BATCHED_BELOW_FLOPS
+
+
+class _FlopCount(TorchDispatchMode):
+    """Counts the floating-point operations of the operators
+    :mod:`torch.utils.flop_counter` knows (matrix products, convolutions, attention) run
+    inside it; a lighter :class:`torch.utils.flop_counter.FlopCounterMode` (no per-module
+    breakdown)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        return out
+
+
+#: FLOPs of one forward and backward pass, per model (or loss) and per signature of the
+#: parameters and the batch: counted once, on the first product of that signature.
+_FLOPS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], float]] = weakref.WeakKeyDictionary()
+
+
+def _signature(values: Params, batch: Any) -> tuple[Any, ...]:
+    leaves = tree_flatten(batch)[0]
+    return (
+        tuple((n, tuple(v.shape), v.dtype) for n, v in values.items()),
+        tuple(
+            (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+            for x in leaves
+        ),
+    )
 
 
 def loss_gradient(
@@ -175,16 +234,15 @@ class HessianProduct:
 
     def _forms(self, probes: Params) -> torch.Tensor:
         names = self._names
-        if self.mode == "vjp" and not self._is_batched(probes):
+        if self.mode == "vjp":
             leaves, grads, live = self._first_order()
-            count = next(iter(probes.values())).shape[0]
-            rows = []
-            for k in range(count):
-                probe = {n: probes[n][k] for n in names}
-                rows.append(
-                    torch.stack(_unit_dots(probe, self._second(leaves, grads, live, probe), names))
-                )
-            return torch.stack(rows)
+            if not self.batched:
+                rows = []
+                for k in range(next(iter(probes.values())).shape[0]):
+                    probe = {n: probes[n][k] for n in names}
+                    hv = self._second(leaves, grads, live, probe)
+                    rows.append(torch.stack(_unit_dots(probe, hv, names)))
+                return torch.stack(rows)
         products = self._product(probes)
         count = next(iter(probes.values())).shape[0]
         return torch.stack(
@@ -197,27 +255,48 @@ class HessianProduct:
             dim=1,
         )
 
-    def _is_batched(self, probes: Params) -> bool:
-        if self.batched is None:
-            first = next(iter(probes.values()))
-            self.batched = batch_probes(first.device, self._values, self._batch)
-        return self.batched
+    def _flops(self) -> tuple[dict[tuple[Any, ...], float] | None, tuple[Any, ...]]:
+        """The cache of counted FLOPs for this model or loss (``None`` when neither can
+        be weakly referenced), and the key of this product's parameters and batch."""
+        owner = self._model if self._model is not None else self._loss
+        try:
+            cache = _FLOPS.setdefault(owner, {})
+        except TypeError:
+            cache = None
+        return cache, _signature(self._values, self._batch)
 
     def _first_order(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
         """The forward and first backward pass, once, their graph kept (``create_graph``):
         fresh leaves sharing the values' storage, the gradients that depend on them, and
-        the positions of those gradients among the parameters."""
+        the positions of those gradients among the parameters. Resolves ``batched`` when
+        it is ``None``: on the CPU this pass counts its FLOPs, the first time a model and
+        batch signature is seen (:func:`batch_probes`)."""
         if self._graph is None:
             if self._rng is not None:
                 self._rng.replay()
+            device = next(iter(self._values.values())).device
+            counter, cache, key = None, None, None
+            if self.batched is None and device.type == "cpu":
+                cache, key = self._flops()
+                if cache is None or key not in cache:
+                    counter = _FlopCount()
             leaves = [self._values[n].detach().requires_grad_(True) for n in self._names]
-            with torch.enable_grad():
+            with torch.enable_grad(), counter or contextlib.nullcontext():
                 out = self._loss(dict(zip(self._names, leaves, strict=True)), self._batch)
                 grads = (
                     torch.autograd.grad(out, leaves, create_graph=True, materialize_grads=True)
                     if out.requires_grad
                     else tuple(torch.zeros_like(v) for v in leaves)
                 )
+            if self.batched is None:
+                flops = None
+                if counter is not None:
+                    flops = float(counter.flops)
+                    if cache is not None:
+                        cache[key] = flops
+                elif cache is not None:
+                    flops = cache[key]
+                self.batched = batch_probes(device, flops)
             self.gradient = {n: g.detach() for n, g in zip(self._names, grads, strict=True)}
             live = [i for i, g in enumerate(grads) if g.requires_grad]
             self._graph = (leaves, [grads[i] for i in live], live)
@@ -236,10 +315,15 @@ class HessianProduct:
             return tuple(torch.zeros_like(probe[n]) for n in self._names)
         vs = [probe[self._names[i]] for i in live]
         with torch.enable_grad():
-            return torch.autograd.grad(
-                grads, leaves, vs, retain_graph=True, materialize_grads=True,
+            out = torch.autograd.grad(
+                grads, leaves, vs, retain_graph=True, allow_unused=True,
                 is_grads_batched=batched,
             )  # fmt: skip
+        # a parameter no gradient depends on: a zero row (and column) of H
+        return tuple(
+            torch.zeros_like(probe[n]) if hv is None else hv
+            for n, hv in zip(self._names, out, strict=True)
+        )
 
     def _product(self, probes: Params) -> Params:
         if self.mode == "jvp":
@@ -254,7 +338,7 @@ class HessianProduct:
                 self.gradient = {n: g[0] for n, g in grads.items()}
             return products
         leaves, grads, live = self._first_order()
-        if self._is_batched(probes):
+        if self.batched:
             out = self._second(leaves, grads, live, probes, batched=True)
             return dict(zip(self._names, out, strict=True))
         count = next(iter(probes.values())).shape[0]
