@@ -1,4 +1,4 @@
-"""Hessian-vector products of a functional loss, batched over probes with ``vmap``.
+"""Hessian-vector products of a functional loss, for chunks of probes.
 
 For a loss L(θ) with gradient ∇L, the product with the Hessian H = ∇²L is
 
@@ -12,10 +12,26 @@ forward + backward pass and never form H.
   with the tangents of a whole chunk of probes carried alongside by ``vmap``; nothing
   outlives the call, so memory is bounded by the chunk.
 * ``"vjp"`` (reverse over reverse): the forward pass and the first backward pass run once,
-  on the first call, and their graph is kept; every chunk then costs one batched second
-  backward pass (on the CPU, one second backward pass per probe, which costs less there).
+  on the first call, in plain reverse mode with ``create_graph=True``, and their graph is
+  kept (as PyHessian does); every chunk then costs second backward passes through it:
+  one batched pass for the whole chunk (``is_grads_batched``), or one pass per probe.
   Cheaper when there are many chunks, at the memory cost of holding the graph of the first
   backward pass until the product object is released.
+
+  **Batched or probe by probe** (:func:`batch_probes`). On accelerators, batched. On the
+  CPU a batched pass does the same arithmetic in fewer, larger operators: it wins where a
+  pass is dominated by the fixed cost of each operator, and loses where it is dominated by
+  the arithmetic (a batched weight turns convolutions into grouped ones and writes
+  chunk × parameters tensors). The first product of a model and batch signature counts the
+  FLOPs of its forward and first backward pass (matrix products and convolutions, as
+  :mod:`torch.utils.flop_counter` counts them; about 1-5 ms of Python, once per model and
+  batch signature), and chunks are batched below :data:`BATCHED_BELOW_FLOPS` (12 MFLOP).
+  Measured on one CPU thread, 32 probes, forward+backward units per probe (batched
+  against per probe): MLPs of 8-64 units 0.5-1.0 against 1.3-1.5 below the threshold; a
+  128-unit MLP at batch 128 (15 MFLOP) 1.10 against 1.05; the benchmark's 256-unit MLP
+  at batch 32 (21 MFLOP) 1.7 against 1.3, its 1024-unit MLP 4-7 against 1.8-2.3, its CNN
+  at batch 128 1.6 against 1.2. The choice is a deterministic function of the shapes, and
+  the two give the same products up to float round-off.
 * ``"auto"``: ``"vjp"`` on CPU, where it measured faster in every configuration of
   ``python -m layerwise.experiments.benchmarks.sensitivity`` (MLP and CNN, batch 32 and 128:
   0.85-1.6
@@ -26,10 +42,16 @@ forward + backward pass and never form H.
   forward mode fails on the first call (an operator without a forward-mode derivative,
   or PyTorch bugs such as ``F.mse_loss`` under ``jvp`` of ``grad``, pytorch#123996).
 
+Hutchinson's estimator needs only ``v_kᵀ (H v_k)`` per parameter:
+:meth:`HessianProduct.quadratic_forms` gives them, probe by probe without ever holding a
+chunk's products together (a chunk × parameters tensor of fresh memory costs more to
+allocate on a CPU than the products' arithmetic on a large model).
+
 Attention runs on the math backend during every product, whatever backend the caller
 selected (restored afterwards): :mod:`layerwise.sensitivity.attention`.
 
-Random layers (dropout) draw their masks once per evaluation and ``vmap`` runs with
+Random layers (dropout) draw their masks once per evaluation (in ``"vjp"`` mode once per
+product object: the forward pass runs once) and ``vmap`` runs with
 ``randomness="same"``, so every probe of a chunk sees the same mask; with an
 :class:`~layerwise.sensitivity.functional.RngReplay` every chunk sees the same mask too, and both
 modes give the same products.
@@ -128,6 +150,11 @@ class _FlopCount(TorchDispatchMode):
 #: FLOPs of one forward and backward pass, per model (or loss) and per signature of the
 #: parameters and the batch: counted once, on the first product of that signature.
 _FLOPS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], float]] = weakref.WeakKeyDictionary()
+
+
+#: Batch signatures remembered per model (batches whose shapes vary, e.g. sequence lengths,
+#: would otherwise grow the cache without bound).
+_SIGNATURES = 64
 
 
 def _signature(values: Params, batch: Any) -> tuple[Any, ...]:
@@ -293,6 +320,8 @@ class HessianProduct:
                 if counter is not None:
                     flops = float(counter.flops)
                     if cache is not None:
+                        if len(cache) >= _SIGNATURES:  # shapes that vary: forget the oldest
+                            del cache[next(iter(cache))]
                         cache[key] = flops
                 elif cache is not None:
                     flops = cache[key]
