@@ -368,14 +368,33 @@ class HessianProduct:
             return products
         leaves, grads, live = self._first_order()
         if self.batched:
-            out = self._second(leaves, grads, live, probes, batched=True)
-            return dict(zip(self._names, out, strict=True))
+            out = self._batched_second(leaves, grads, live, probes)
+            if out is not None:
+                return dict(zip(self._names, out, strict=True))
         count = next(iter(probes.values())).shape[0]
         rows = [
             self._second(leaves, grads, live, {n: v[k] for n, v in probes.items()})
             for k in range(count)
         ]
         return {n: torch.stack([row[i] for row in rows]) for i, n in enumerate(self._names)}
+
+    def _batched_second(
+        self,
+        leaves: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        live: list[int],
+        probes: Params,
+    ) -> tuple[torch.Tensor, ...] | None:
+        """The chunk's products in one batched pass, or ``None`` (and probe by probe from
+        then on) when ``vmap`` cannot batch an operator of the backward pass: the same
+        products, one pass per probe."""
+        try:
+            return self._second(leaves, grads, live, probes, batched=True)
+        except (RuntimeError, NotImplementedError) as exc:
+            if is_double_backward_error(exc):
+                raise
+            self.batched = False
+            return None
 
     def _explain(self, exc: BaseException) -> Exception:
         if self._model is None:

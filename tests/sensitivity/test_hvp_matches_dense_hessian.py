@@ -148,3 +148,42 @@ def test_a_parameter_no_gradient_depends_on_gets_zero_products(batched):
         assert (out[n].abs().sum() == 0) == n.startswith("unused"), n
         assert (forms[:, i].abs().sum() == 0) == n.startswith("unused"), n
     assert product.gradient["unused.weight"].abs().sum() == 0
+
+
+class _Square(torch.autograd.Function):
+    """x², whose derivative 2 g x is itself a Function with a data-dependent backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _Twice.apply(g, x)
+
+
+class _Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, x):
+        ctx.save_for_backward(g, x)
+        return 2 * g * x
+
+    @staticmethod
+    def backward(ctx, c):
+        g, x = ctx.saved_tensors
+        if c.abs().sum().item() < 0:  # .item(): vmap cannot batch this
+            raise AssertionError("unreachable")
+        return 2 * c * x, 2 * c * g
+
+
+def test_a_backward_pass_vmap_cannot_batch_falls_back_to_one_pass_per_probe():
+    w = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    probes = {"w": torch.eye(3, dtype=torch.float64)}
+    product = HessianProduct(
+        lambda p, b: _Square.apply(p["w"]).sum(), {"w": w}, None, mode="vjp", batched=True
+    )
+    assert torch.equal(product(probes)["w"], 2 * torch.eye(3, dtype=torch.float64))
+    assert product.batched is False  # and stays so for the next chunks
+    assert torch.equal(product.quadratic_forms(probes), torch.full((3, 1), 2.0).double())
