@@ -29,7 +29,7 @@ forward + backward pass and never form H.
   Measured on one CPU thread, 32 probes, forward+backward units per probe (batched
   against per probe): MLPs of 8-64 units 0.5-1.0 against 1.3-1.5 below the threshold; a
   128-unit MLP at batch 128 (15 MFLOP) 1.10 against 1.05; the benchmark's 256-unit MLP
-  at batch 32 (21 MFLOP) 1.7 against 1.3, its 1024-unit MLP 4-7 against 1.8-2.3, its CNN
+  at batch 32 (21 MFLOP) 1.7 against 1.3, its 1024-unit MLP 3.5-7 against 1.8-2.3, its CNN
   at batch 128 1.6 against 1.2. The choice is a deterministic function of the shapes, and
   the two give the same products up to float round-off.
 * ``"auto"``: ``"vjp"`` on CPU, where it measured faster in every configuration of
