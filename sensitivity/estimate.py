@@ -125,7 +125,8 @@ def estimate(
     probes and carries the chunk's tangents alongside, so its memory is that of one
     chunk. ``"vjp"`` (reverse over reverse) runs the forward and the first backward pass
     once per batch, keeps their graph, and pays one batched second backward pass per
-    chunk. ``"auto"`` resolves to ``"vjp"`` on CPU, where the benchmark
+    chunk (on the CPU above 12 MFLOP a pass, one per probe: ``hvp.batch_probes``).
+    ``"auto"`` resolves to ``"vjp"`` on CPU, where the benchmark
     (``python -m layerwise.experiments.benchmarks.sensitivity``) measured it faster for every model
     and batch size; on an accelerator to ``"jvp"`` when a batch needs a single chunk
     (``probes <= chunk_size``: both then do the same passes and forward mode holds less

@@ -103,20 +103,25 @@ def hutchinson_samples(
     first = like[names[0]]
     index = torch.as_tensor(group_of, dtype=torch.long, device=first.device)
     chunks: list[torch.Tensor] = []
+    forms = getattr(product, "quadratic_forms", None)
+    workspace: dict[str, torch.Tensor] = {}
     done = 0
     while done < budget:
         count = min(chunk_size, budget - done)
-        probes = draw_probes(like, count, generator, distribution)
-        products = product(probes)
-        per_param = torch.stack(
-            [
-                torch.linalg.vecdot(
-                    probes[n].reshape(count, -1), products[n].reshape(count, -1)
-                ).to(first.device)
-                for n in names
-            ],
-            dim=1,
-        )  # (count, params)
+        probes = draw_probes(like, count, generator, distribution, workspace)
+        if forms is not None:
+            per_param = forms(probes).to(first.device)
+        else:
+            products = product(probes)
+            per_param = torch.stack(
+                [
+                    torch.linalg.vecdot(
+                        probes[n].reshape(count, -1), products[n].reshape(count, -1)
+                    ).to(first.device)
+                    for n in names
+                ],
+                dim=1,
+            )  # (count, params)
         z = per_param.new_zeros(count, num_groups).index_add_(1, index, per_param)
         chunks.append(z)
         done += count

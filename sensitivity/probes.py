@@ -20,6 +20,7 @@ and on CUDA the draws stay on the device (no host transfer).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -43,11 +44,19 @@ def draw_probes(
     count: int,
     generator: torch.Generator,
     distribution: str = "rademacher",
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``count`` probes shaped like ``like``: ``{name: tensor of shape (count, *shape)}``.
 
     Drawn on the generator's device, in the order of ``like``, then moved to each
     tensor's device (a no-op for a model on one device).
+
+    ``workspace``: a dict (empty at first) whose buffers the draws are written into and
+    that later calls reuse, so the probes of a previous call are overwritten. The values
+    are the same as without it; what it saves is the allocation, which on a CPU costs
+    more than the draw itself for large models: a fresh block of memory is handed out
+    page by page by the operating system (a 40 MB chunk of probes took 24 ms to first
+    touch, and 4 ms to fill once allocated).
 
     >>> g = make_generator("cpu", 0)
     >>> v = draw_probes({"w": torch.zeros(3, 2)}, 4, g)
@@ -65,13 +74,29 @@ def draw_probes(
         total = sum(sizes)
         first = next(iter(like.values()))
         signs = _signs(first.dtype if first.is_floating_point() else torch.float32, device)
-        draws = torch.randint(0, 256, ((total + 7) // 8,), generator=generator, device=device)
-        flat = signs.index_select(0, draws).reshape(-1)[:total]
+        size = ((total + 7) // 8,)
+        # int32 draws: the same values as the default int64 (one 32-bit draw per entry)
+        if workspace is None:
+            draws = torch.randint(
+                0, 256, size, generator=generator, device=device, dtype=torch.int32
+            )
+            rows = signs.index_select(0, draws)
+        else:
+            draws = _buffer(workspace, "draws", size, torch.int32, device)
+            torch.randint(0, 256, size, generator=generator, out=draws)
+            rows = _buffer(workspace, "signs", (size[0], 8), signs.dtype, device)
+            torch.index_select(signs, 0, draws, out=rows)
+        flat = rows.reshape(-1)[:total]
         for (name, t), part in zip(like.items(), flat.split(sizes), strict=True):
             out[name] = part.reshape(count, *t.shape).to(t.dtype).to(t.device, non_blocking=True)
         return out
     for name, t in like.items():
-        v = torch.randn((count, *t.shape), generator=generator, device=device, dtype=t.dtype)
+        shape = (count, *t.shape)
+        if workspace is None:
+            v = torch.randn(shape, generator=generator, device=device, dtype=t.dtype)
+        else:
+            v = _buffer(workspace, name, shape, t.dtype, device)
+            torch.randn(shape, generator=generator, out=v)
         out[name] = v.to(t.device, non_blocking=True)
     return out
 
@@ -80,3 +105,18 @@ def _signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(256, 8): row b holds the bits of b as ±1 (bit k of b -> column k)."""
     bits = torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)
     return (bits & 1).to(dtype).mul_(2).sub_(1)
+
+
+def _buffer(
+    workspace: dict[str, torch.Tensor],
+    key: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """A tensor of ``shape`` on the storage kept under ``key``, grown when too small."""
+    numel = math.prod(shape)
+    held = workspace.get(key)
+    if held is None or held.numel() < numel or held.dtype != dtype or held.device != device:
+        held = workspace[key] = torch.empty(numel, dtype=dtype, device=device)
+    return held[:numel].view(shape)

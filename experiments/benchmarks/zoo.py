@@ -18,9 +18,10 @@ replica, 11.7M parameters) with BatchNorm in training mode, ``--batch`` images o
 ``--image`` pixels, 8 probes: the whole default report (``report``), and where it goes:
 the traces alone (``trace``), the gradient noise alone (``variance``, micro-batches under
 BatchNorm), the gradient alone (``grad``). ``vmap``/``loop``: one Hessian-vector product
-per probe through one ``vmap``-batched second backward pass of 8 probes against one
-second backward pass per probe (what ``hvp_mode="vjp"`` does on the CPU), per probe,
-plus the first pass with its graph (``first``). Target: ``report`` <= 25 units.
+per probe through one batched second backward pass of 8 probes against one second
+backward pass per probe (``HessianProduct(..., batched=)``; ``hvp_mode="vjp"`` on the CPU
+picks between them by the FLOPs of a pass, the loop for ResNet-18), per probe, after the
+first pass with its graph (``first``). Target: ``report`` <= 25 units.
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import grad, vjp, vmap
 from torch.nn import functional as F
 
 from layerwise.experiments.benchmarks import sensitivity as bench
 from layerwise.policies import group_parameters
 from layerwise.sensitivity import estimate
 from layerwise.sensitivity.functional import FunctionalLoss
-from layerwise.sensitivity.hvp import _probe_by_probe
+from layerwise.sensitivity.hvp import HessianProduct
 from layerwise.sensitivity.probes import draw_probes, make_generator
 
 PROBES = 8
@@ -106,8 +106,15 @@ def resnet_row(batch_size: int, image: int, repeats: int) -> dict[str, float]:
     values = functional.values
     probes = draw_probes(values, PROBES, make_generator("cpu", 0))
 
-    def first() -> Any:
-        return vjp(grad(lambda p: functional(p, batch)), values)[1]
+    def first() -> Any:  # the forward and first backward pass, their graph kept
+        return torch.autograd.grad(
+            loss_fn(model, batch), list(model.parameters()), create_graph=True
+        )
+
+    def products(batched: bool) -> Callable[[], object]:
+        return lambda: HessianProduct(
+            functional, values, batch, mode="vjp", batched=batched
+        ).quadratic_forms(probes)
 
     def run(**kw: Any) -> Callable[[], object]:
         return lambda: estimate(model, loss_fn, batch, groups=groups, probes=PROBES, **kw)
@@ -120,8 +127,8 @@ def resnet_row(batch_size: int, image: int, repeats: int) -> dict[str, float]:
             "variance": run(quantities=["grad_variance"]),
             "grad": run(quantities=["grad_norm"]),
             "first": first,
-            "vmap": lambda: vmap(first(), randomness="same")(probes),
-            "loop": lambda: _probe_by_probe(first(), probes),
+            "vmap": products(True),
+            "loop": products(False),
         },
         repeats,
     )

@@ -159,3 +159,29 @@ def test_tolerance_stops_early_and_max_probes_caps_the_budget():
         generator=make_generator("cpu", 0), tolerance=1e-6,
     )  # fmt: skip
     assert exact.shape[0] == 2  # zero spread counts as converged
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_probes_drawn_into_a_workspace_are_the_fresh_draws(distribution):
+    """A reused workspace changes no probe: the same seed gives the same probes, chunk
+    after chunk (a smaller last chunk too), and the workspace's storage is reused."""
+    from layerwise.sensitivity.probes import draw_probes
+
+    like = {"w": torch.zeros(5, 3), "b": torch.zeros(7)}
+    fresh, reused = make_generator("cpu", 11), make_generator("cpu", 11)
+    workspace: dict[str, torch.Tensor] = {}
+    storage = None
+    for count in (4, 4, 3):
+        a = draw_probes(like, count, fresh, distribution)
+        b = draw_probes(like, count, reused, distribution, workspace)
+        assert all(torch.equal(a[n], b[n]) and b[n].shape == (count, *like[n].shape) for n in like)
+        pointers = {k: v.data_ptr() for k, v in workspace.items()}
+        assert storage is None or pointers == storage
+        storage = pointers
+    if distribution == "rademacher":  # one byte of a 64-bit-range draw per eight signs
+        bytes_ = torch.randint(0, 256, (((5 * 3 + 7) * 2 + 7) // 8,),
+                               generator=make_generator("cpu", 3))  # fmt: skip
+        bits = (bytes_.unsqueeze(1) >> torch.arange(8)) & 1
+        signs = (bits * 2 - 1).reshape(-1).float()
+        v = draw_probes(like, 2, make_generator("cpu", 3), distribution, {})
+        assert torch.equal(torch.cat([v["w"].reshape(-1), v["b"].reshape(-1)]), signs[:44])
