@@ -41,10 +41,12 @@ from typing import Any
 
 import torch
 
+from layerwise.engine import distributed as ddp
 from layerwise.policies.schedule_base import check_int
 
 __all__ = [
     "DEFAULT_MAX_NONFINITE_STEPS",
+    "FiniteCheck",
     "NonFiniteGradientError",
     "NonFiniteInClosure",
     "NonFiniteSteps",
@@ -71,14 +73,15 @@ class NonFiniteInClosure(Exception):
 
 
 def checked_closure(
-    closure: Callable[[], Any], param_groups: Sequence[Mapping[str, Any]]
+    closure: Callable[[], Any], param_groups: Sequence[Mapping[str, Any]], check: FiniteCheck
 ) -> Callable[[], Any]:
-    """``closure``, whose gradients are checked each time it returns: non-finite ones raise
-    :class:`NonFiniteInClosure` with the groups' indices, which stops the base step."""
+    """``closure``, whose gradients are checked by ``check`` each time it returns: non-finite
+    ones raise :class:`NonFiniteInClosure` with the groups' indices, which stops the base
+    step."""
 
     def checked() -> Any:
         loss = closure()
-        bad = nonfinite_groups(param_groups)
+        bad = check(param_groups)
         if bad is not None:
             raise NonFiniteInClosure(bad)
         return loss
@@ -86,47 +89,97 @@ def checked_closure(
     return checked
 
 
+class FiniteCheck:
+    """The check of :func:`nonfinite_groups` with its fixed per-step cost cut (module
+    docstring, **Cost**): the flag and scale tensors are made once per device and reused
+    (a flag is only ever set by the check, so it is zeroed only after a step it flagged);
+    the gradients go to the fused op as one flat list (the op takes mixed dtypes, on one
+    device), with no per-parameter bucketing in Python and no ``torch.no_grad()`` context
+    (grad mode is switched off directly, and only when on). Where the one list is refused
+    (parameters on several devices, a sparse gradient), that step and every later one go
+    the general way, one call per device and dtype with sparse gradients checked by their
+    values, as :func:`nonfinite_groups` always did; the op at scale 1 is idempotent, so the
+    repeat changes no value. The verdict is exactly :func:`nonfinite_groups`'s.
+    """
+
+    def __init__(self) -> None:
+        self._flags: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._general = False
+
+    def _flag(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        flags = self._flags.get(device)
+        if flags is None:  # (found_inf, scale 1), made once per device
+            flags = (
+                torch.zeros(1, dtype=torch.float32, device=device),
+                torch.ones(1, dtype=torch.float32, device=device),
+            )
+            self._flags[device] = flags
+        return flags
+
+    def _run(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """GradScaler's own check at scale 1 over ``grads`` (every value written back
+        unchanged); the found-inf flags it wrote to."""
+        if not self._general:
+            flags = self._flag(grads[0].device)
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, *flags)
+                return [flags[0]]
+            except (RuntimeError, NotImplementedError):  # several devices, a sparse gradient
+                self._general = True
+        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for g in grads:
+            g = g._values() if g.is_sparse else g
+            buckets.setdefault((g.device, g.dtype), []).append(g)
+        used: dict[torch.device, torch.Tensor] = {}
+        for (device, _), bucket in buckets.items():
+            flags = self._flag(device)
+            torch._amp_foreach_non_finite_check_and_unscale_(bucket, *flags)
+            used[device] = flags[0]
+        return list(used.values())
+
+    def __call__(self, param_groups: Sequence[Mapping[str, Any]]) -> list[int] | None:
+        """``None`` when every gradient is finite; else the indices of the groups holding a
+        parameter whose gradient has a NaN or an inf (``[]`` when only another DDP rank's
+        do). One fused check (per device) and one host synchronisation (module docstring);
+        a sparse gradient is checked by its values."""
+        grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
+        distributed = ddp.is_distributed()
+        if not grads and not distributed:
+            return None
+        flags = []
+        if grads:
+            grad_mode = torch.is_grad_enabled()
+            if grad_mode:  # so that a create_graph=True gradient does not record the check
+                torch._C._set_grad_enabled(False)
+            try:
+                flags = self._run(grads)
+            finally:
+                if grad_mode:
+                    torch._C._set_grad_enabled(True)
+        if distributed:
+            comm = ddp.comm_device()
+            flags = [f.to(comm) for f in flags] or [torch.zeros(1, device=comm)]
+        total = flags[0] if len(flags) == 1 else sum(f.to(flags[0].device) for f in flags)
+        if distributed:
+            torch.distributed.all_reduce(total)
+        if not bool(total):  # the one host synchronisation
+            return None
+        for found, _ in self._flags.values():  # set only now: cleared for the next step
+            found.zero_()
+        return [
+            i
+            for i, group in enumerate(param_groups)
+            if any(p.grad is not None and not _finite(p.grad) for p in group["params"])
+        ]
+
+
 def nonfinite_groups(param_groups: Sequence[Mapping[str, Any]]) -> list[int] | None:
     """``None`` when every gradient is finite; else the indices of the groups holding a
     parameter whose gradient has a NaN or an inf (``[]`` when only another DDP rank's do).
-    One fused check per device and dtype and one host synchronisation (module docstring);
-    a sparse gradient is checked by its values."""
-    from layerwise.engine import distributed as ddp
-
-    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for group in param_groups:
-        for p in group["params"]:
-            g = p.grad
-            if g is not None:
-                g = g._values() if g.is_sparse else g
-                buckets.setdefault((g.device, g.dtype), []).append(g)
-    distributed = ddp.is_distributed()
-    if not buckets and not distributed:
-        return None
-    found: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (found_inf, scale 1)
-    with torch.no_grad():
-        for (device, _), grads in buckets.items():
-            if device not in found:
-                found[device] = (
-                    torch.zeros(1, dtype=torch.float32, device=device),
-                    torch.ones(1, dtype=torch.float32, device=device),
-                )
-            # GradScaler's own check, at scale 1: it writes every value back unchanged
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, *found[device])
-    flags = [flag for flag, _ in found.values()]
-    if distributed:
-        comm = ddp.comm_device()
-        flags = [f.to(comm) for f in flags] or [torch.zeros(1, device=comm)]
-    total = flags[0] if len(flags) == 1 else sum(f.to(flags[0].device) for f in flags)
-    if distributed:
-        torch.distributed.all_reduce(total)
-    if not bool(total):  # the one host synchronisation
-        return None
-    return [
-        i
-        for i, group in enumerate(param_groups)
-        if any(p.grad is not None and not _finite(p.grad) for p in group["params"])
-    ]
+    One fused check per device and one host synchronisation (module docstring); a sparse
+    gradient is checked by its values. The engine keeps a :class:`FiniteCheck`, which
+    reuses its flag tensors across steps; this makes a fresh one."""
+    return FiniteCheck()(param_groups)
 
 
 def _finite(grad: torch.Tensor) -> bool:
