@@ -51,8 +51,10 @@ meaning. Every built-in rule is a power law in positive quantities, ``s_g = powe
 Each rule declares ``quantities``, the estimate quantities it reads (beyond ``param_norm`` and
 ``num_params``, which every report holds): ``curvature`` and ``curvature_hessian``
 ``("hessian_trace",)`` (``"auto"`` reads ``ggn_trace`` too, when the estimate was also asked
-for it, e.g. by ``layerwise analyze --quantities``), ``curvature_ggn`` ``("ggn_trace",)``
-(which needs a loss object, :class:`layerwise.sensitivity.CrossEntropy`), ``noise``
+for it, e.g. by ``layerwise analyze --quantities``; and ``curvature``'s
+``quantities_for(loss_object=True)`` is ``("ggn_trace",)``, so an engine whose loss is a
+loss object estimates the GGN trace instead of the Hessian's: :func:`rule_quantities`),
+``curvature_ggn`` ``("ggn_trace",)`` (which needs a loss object, :class:`layerwise.sensitivity.CrossEntropy`), ``noise``
 ``("grad_norm", "grad_variance")`` (``grad_variance`` brings ``noise_to_signal``; ``grad_norm``
 its standard error), ``trust_ratio`` ``("grad_norm",)``, ``uniform`` ``()``; a composition the
 union. The engine estimates exactly those (plus ``grad_norm`` for the controller's spike check).
