@@ -30,10 +30,11 @@ us and the bare op about 15 us). On CPU this op is the fastest exact single pass
 ``torch._foreach_norm(..., 1 or 2)`` runs there as one unfused norm per tensor (about 120
 us), per-tensor ``sum`` (an exact screen: a non-finite element makes the sum non-finite)
 pays one dispatch per tensor and measured slower inside a step, ``isfinite().all()``
-allocates a mask per tensor. Inside a training step the pass costs two to three times what
-it costs on its own (about 50-70 us on that MLP with Adam, a 1.8 ms step: +3-4%; +0.5-1%
-of the benchmark's CNN); ``python -m layerwise.experiments.benchmarks.engine`` prints both
-figures and one read of every gradient, the floor of any exact check. A model so small
+allocates a mask per tensor. Inside a training step the pass costs more than on its own,
+and more the more the machine is loaded: 24-68 us on that MLP with Adam over our runs
+(+1.4-3.5% of a 1.7-2.1 ms step; one read of every gradient, the floor of any exact check,
+takes about 7 us), 74 us on the benchmark's CNN (+0.4%);
+``python -m layerwise.experiments.benchmarks.engine`` prints these figures. A model so small
 that this shows can turn the check off: ``LayerwiseOptimizer(..., check_finite=False)``.
 
 A step that ``torch.amp.GradScaler`` forwards its ``found_inf`` to (fused base optimizers) is

@@ -13,9 +13,10 @@ trace whatever the loss.
 Label samples: :data:`DEFAULT_GGN_SAMPLES` = 2 sampled label sets per recalibration for
 ``ggn_trace``, the fewest that give the trace a standard error (with one the report's
 standard error is NaN, and the controller's confidence gate would hold every group). On
-``python -m layerwise.experiments.benchmarks.engine`` a recalibration then costs about 3.5
-forward+backward units on the small CNN and 5.6 on the MLP (one sample: 2.6 and 5.0; four:
-5.0 and 6.5), against 7.7 and 11.7 for the Hessian trace at 4 probes.
+``python -m layerwise.experiments.benchmarks.engine`` a recalibration then costs about 3.2
+forward+backward units on the small CNN and 5.2 on the MLP (one sample: 2.5 and 4.4; four:
+5.1 and 6.4), against 7.5 and 12.3 for the Hessian trace at 4 probes; 1.1 and 1.8 of those
+units are the gradient norm's own forward+backward, the floor of any recalibration.
 
 Probes: :data:`DEFAULT_PROBES` = 4 Hutchinson probes per recalibration (the Hessian path).
 With the default interval (100 steps) a recalibration then costs about 7% of training time

@@ -54,10 +54,11 @@ Each rule declares ``quantities``, the estimate quantities it reads (beyond ``pa
 for it, e.g. by ``layerwise analyze --quantities``; and ``curvature``'s
 ``quantities_for(loss_object=True)`` is ``("ggn_trace",)``, so an engine whose loss is a
 loss object estimates the GGN trace instead of the Hessian's: :func:`rule_quantities`),
-``curvature_ggn`` ``("ggn_trace",)`` (which needs a loss object, :class:`layerwise.sensitivity.CrossEntropy`), ``noise``
-``("grad_norm", "grad_variance")`` (``grad_variance`` brings ``noise_to_signal``; ``grad_norm``
-its standard error), ``trust_ratio`` ``("grad_norm",)``, ``uniform`` ``()``; a composition the
-union. The engine estimates exactly those (plus ``grad_norm`` for the controller's spike check).
+``curvature_ggn`` ``("ggn_trace",)`` (which needs a loss object,
+:class:`layerwise.sensitivity.CrossEntropy`), ``noise`` ``("grad_norm", "grad_variance")``
+(``grad_variance`` brings ``noise_to_signal``; ``grad_norm`` its standard error),
+``trust_ratio`` ``("grad_norm",)``, ``uniform`` ``()``; a composition the union. The engine
+estimates exactly those (plus ``grad_norm`` for the controller's spike check).
 
 Composition (``"curvature+noise"`` or a list) sums the scores, i.e. multiplies the multipliers,
 then renormalises. Rules are frozen dataclasses; ``RULES`` maps names to zero-argument factories,

@@ -9,13 +9,16 @@ alternating), so all see the same machine load; medians over the repeats.
 1. **Per step between recalibrations**, at the default ``check_finite=True`` and with
    ``check_finite=False``: a training step (``zero_grad``, forward, backward, ``step``)
    through the engine, whose multipliers are not 1 (so the multiply and restore really
-   run) and whose next recalibration is far away, against the bare optimizer. Target:
-   ratio <= 1.01. Alongside, to explain the figures: the engine's own cost per ``step()``
-   (multiply, restore, step count, due check; timed around a base optimizer whose step
-   does nothing), the finite check alone (:class:`layerwise.engine.nonfinite.FiniteCheck`
-   on the task's gradients) and the floor of any exact check, one read of every gradient
-   (``sum`` of one preallocated buffer holding them all: a single vectorised read-only
-   pass, no Python per tensor), each in microseconds and as a fraction of the training step.
+   run) and whose next recalibration is far away, against the bare optimizer: the median
+   over steps of the paired ratio wrapped step i / bare step i (the same batch, taken next
+   to each other), so that load drifting over the run cancels. Target: ratio <= 1.01.
+   Alongside, to explain the figures: the engine's own cost per ``step()`` (multiply,
+   restore, step count, due check; timed around a base optimizer whose step does
+   nothing), the finite check inside a step (paired: with it, without it) and on its own
+   (:class:`layerwise.engine.nonfinite.FiniteCheck` on the task's gradients), and the floor
+   of any exact check, one read of every gradient (``sum`` of one preallocated buffer
+   holding them all: a single vectorised read-only pass, no Python per tensor), each in
+   microseconds and as a fraction of the training step.
 2. **Training with recalibration**: ``2 * recalibrate_every`` steps at the engine's
    defaults (the ``curvature`` rule, the default interval, probe and label-sample counts),
    the estimation batch being the training batch, against the same steps bare; once with
@@ -258,11 +261,13 @@ def check_costs(task: Task, calls: int = 500, repeats: int = 21) -> tuple[float,
 
 def per_step_ratios(
     task: Task, steps: int = 60, repeats: int = 11
-) -> tuple[dict[str, float], float]:
-    """({"check": ratio, "no check": ratio}, median bare seconds per step) between
-    recalibrations, ratio = median wrapped step / median bare step over ``repeats``
-    lockstep runs of ``steps`` steps of the bare optimizer and the engine with
-    ``check_finite`` True and False."""
+) -> tuple[dict[str, float], float, float]:
+    """({"check": ratio, "no check": ratio}, median bare seconds per step, median seconds
+    the check adds inside a step) between recalibrations, over ``repeats`` lockstep runs of
+    ``steps`` steps of the bare optimizer and the engine with ``check_finite`` True and
+    False. Paired: a ratio is the median over steps of wrapped step i / bare step i (the
+    same batch, taken next to each other), the check's cost the median of check step i -
+    no-check step i, so that load drifting over the run cancels."""
     arms = {
         "bare": BARE,
         "check": Arm(wrapped=True),
@@ -272,9 +277,15 @@ def per_step_ratios(
     for _ in range(repeats):
         for key, t in _lockstep(task, steps, arms).items():
             pooled[key] += t[1:]
-    bare = statistics.median(pooled["bare"])
-    ratios = {k: statistics.median(v) / bare for k, v in pooled.items() if k != "bare"}
-    return ratios, bare
+    bare = pooled["bare"]
+    ratios = {
+        k: statistics.median(w / b for w, b in zip(v, bare, strict=True))
+        for k, v in pooled.items()
+        if k != "bare"
+    }
+    pairs = zip(pooled["check"], pooled["no check"], strict=True)
+    check = statistics.median(c - n for c, n in pairs)
+    return ratios, statistics.median(bare), check
 
 
 def training_ratio(task: Task, loss: Any = LOSS, repeats: int = 5) -> tuple[float, float, float]:
@@ -333,17 +344,16 @@ def recalibration_cost(
     return tuple(med[k] for k in jobs)
 
 
-def _step_report(ratios: dict[str, float], bare: float, added: float, check: float,
-                 read: float) -> list[str]:  # fmt: skip
+def _step_report(ratios: dict[str, float], bare: float, added: float, in_step: float,
+                 check: float, read: float) -> list[str]:  # fmt: skip
     """The per-step lines, and why the target is missed where it is."""
     us, frac = 1e6, 1 / bare
-    in_step = (ratios["check"] - ratios["no check"]) * bare
     lines = [
         f"    between recalibrations, check_finite=True (default) {ratios['check']:.4f}, "
         f"check_finite=False {ratios['no check']:.4f} (target <= {STEP_TARGET})",
         f"      step() alone {us * added:+.1f} us ({frac * added:.2%} of a step); the finite "
-        f"check inside a step {us * in_step:.1f} us ({frac * in_step:.2%}: the ratios' "
-        f"difference), on its own {us * check:.1f} us; one read of every gradient (the "
+        f"check inside a step {us * in_step:.1f} us ({frac * in_step:.2%}), on its own "
+        f"{us * check:.1f} us; one read of every gradient (the "
         f"floor of an exact check) {us * read:.1f} us ({frac * read:.2%})",
     ]
     if ratios["check"] > STEP_TARGET:
@@ -393,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for task in TASKS:
         _warm_up(task)
-        ratios, bare_step = per_step_ratios(task, repeats=step_repeats)
+        ratios, bare_step, in_step = per_step_ratios(task, repeats=step_repeats)
         added = step_call_overhead(task, repeats=step_repeats)
         check, read = check_costs(task, repeats=step_repeats)
         out = results[task.name] = {
@@ -401,11 +411,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             "per_step_no_check": ratios["no check"],
             "step_call_added_us": 1e6 * added,
             "check_us": 1e6 * check,
+            "check_in_step_us": 1e6 * in_step,
             "read_us": 1e6 * read,
             "bare_step_ms": 1e3 * bare_step,
         }
         print(f"  {task.name}: bare training step {1e3 * bare_step:.3f} ms")
-        print("\n".join(_step_report(ratios, bare_step, added, check, read)))
+        print("\n".join(_step_report(ratios, bare_step, added, in_step, check, read)))
         costs = {}
         for label, (loss, estimator) in SETTINGS.items():
             costs[label] = recalibration_cost(task, loss, estimator, repeats=step_repeats)
