@@ -31,9 +31,10 @@ us and the bare op about 15 us). On CPU this op is the fastest exact single pass
 us), per-tensor ``sum`` (an exact screen: a non-finite element makes the sum non-finite)
 pays one dispatch per tensor and measured slower inside a step, ``isfinite().all()``
 allocates a mask per tensor. Inside a training step the pass costs more than on its own,
-and more the more the machine is loaded: 24-68 us on that MLP with Adam over our runs
-(+1.4-3.5% of a 1.7-2.1 ms step; one read of every gradient, the floor of any exact check,
-takes about 7 us), 74 us on the benchmark's CNN (+0.4%);
+and more the more the machine is loaded: 24-37 us on that MLP with Adam in quiet runs,
+up to 73 us under load (+1.4-3.5% of a 1.7-2.1 ms step; one read of every gradient, the
+floor of any exact check, takes about 7 us); on the benchmark's CNN (an 18 ms step) it is
+below the run-to-run noise of about 0.5%;
 ``python -m layerwise.experiments.benchmarks.engine`` prints these figures. A model so small
 that this shows can turn the check off: ``LayerwiseOptimizer(..., check_finite=False)``.
 

@@ -128,10 +128,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             one pass over the gradients and one host synchronisation per step: +1.4-3.5% of
             a training step of the small MLP of
             ``python -m layerwise.experiments.benchmarks.engine`` on one CPU thread (85k
-            parameters, a 1.7 ms step; 1.002 of the bare optimizer without it), +0.4% of
-            its CNN, less on larger models; on an accelerator the synchronisation makes the
-            host wait for the device once per step, which costs most where the host only
-            just keeps ahead of it. Steps that
+            parameters, a 1.7 ms step; 0.997-1.002 of the bare optimizer without it),
+            below the noise (about 0.5%) on its CNN, less on larger models; on an
+            accelerator the synchronisation makes the host wait for the device once per
+            step, which costs most where the host only just keeps ahead of it. Steps that
             ``torch.amp.GradScaler`` checks are not affected either way.
 
     Removed: ``schedule=`` and ``factors=`` (use :class:`layerwise.policies.LayerwiseLR`),
