@@ -13,10 +13,11 @@ trace whatever the loss.
 Label samples: :data:`DEFAULT_GGN_SAMPLES` = 2 sampled label sets per recalibration for
 ``ggn_trace``, the fewest that give the trace a standard error (with one the report's
 standard error is NaN, and the controller's confidence gate would hold every group). On
-``python -m layerwise.experiments.benchmarks.engine`` a recalibration then costs about 3.2
-forward+backward units on the small CNN and 5.2 on the MLP (one sample: 2.5 and 4.4; four:
-5.1 and 6.4), against 7.5 and 12.3 for the Hessian trace at 4 probes; 1.1 and 1.8 of those
-units are the gradient norm's own forward+backward, the floor of any recalibration.
+``python -m layerwise.experiments.benchmarks.engine`` a recalibration then costs about
+3.2-3.6 forward+backward units on the small CNN and 5.2 on the MLP (one sample: 2.5 and
+4.3-4.4; four: 5.1-5.3 and 6.4-6.6), against 7.2-7.5 and 12.3-12.6 for the Hessian trace at
+4 probes; 1.1 and 1.8-1.9 of those units are the gradient norm's own forward+backward, the
+floor of any recalibration.
 
 Probes: :data:`DEFAULT_PROBES` = 4 Hutchinson probes per recalibration (the Hessian path).
 With the default interval (100 steps) a recalibration then costs about 7% of training time
