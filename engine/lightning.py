@@ -83,8 +83,8 @@ class LayerwiseCallback(pl.Callback):
             (``"curvature"``, ...).
         loss_fn: ``loss_fn(model, batch) -> mean loss`` for the estimates; ``None``: the
             module's ``training_step`` loss (see the module docstring).
-        recalibrate_every, warmup_steps, estimator, callback, seed, max_nonfinite_steps:
-            as for :class:`layerwise.engine.LayerwiseOptimizer`.
+        recalibrate_every, warmup_steps, estimator, callback, seed, max_nonfinite_steps,
+        check_finite: as for :class:`layerwise.engine.LayerwiseOptimizer`.
 
     After (or during) the fit: :attr:`history` (the engine's decisions),
     :attr:`multipliers`, :attr:`engine` (the wrapper).
@@ -101,6 +101,7 @@ class LayerwiseCallback(pl.Callback):
         callback: Any = None,
         seed: int = 0,
         max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         self.settings = EngineSettings(
@@ -112,6 +113,7 @@ class LayerwiseCallback(pl.Callback):
             callback=callback,
             seed=seed,
             max_nonfinite_steps=max_nonfinite_steps,
+            check_finite=check_finite,
         )
         self.engine: LayerwiseOptimizer | None = None
         self._current = CurrentBatch("the Lightning Trainer")

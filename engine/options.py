@@ -1,13 +1,28 @@
 """The engine's options: the controller, the estimator's options, and what a rule reads.
 
-Quantities default to what the controller's rule declares (``controller.rule.quantities``, see
-:mod:`layerwise.policies.rules`), always with ``grad_norm`` (the controller's spike check reads
-it), and every quantity for a controller whose rule declares none.
+Quantities default to what the controller's rule reads for the engine's loss
+(:func:`layerwise.policies.rules.rule_quantities`), always with ``grad_norm`` (the
+controller's spike check reads it), and every quantity for a controller whose rule declares
+none. The default rule, ``curvature`` (source ``"auto"``), reads the Gauss-Newton trace
+``ggn_trace`` when ``loss_fn`` is a loss object (:class:`layerwise.sensitivity.CrossEntropy`,
+:class:`~layerwise.sensitivity.MeanSquaredError`): positive semi-definite, 2-15x more
+accurate per group than a Hutchinson Hessian trace (issue 12), and cheaper. A plain
+callable gives no GGN, so it keeps ``hessian_trace``; ``curvature_hessian`` reads the Hessian
+trace whatever the loss.
 
-Probes: :data:`DEFAULT_PROBES` = 4 Hutchinson probes per recalibration. With the default
-interval (100 steps) this keeps the whole recalibration cost under 10% of training time on
-the small CNN of ``python -m layerwise.experiments.benchmarks.engine`` (about 7%; 8 probes cost
-about 15-20% there); the controller's smoothing pools the probes of successive recalibrations.
+Label samples: :data:`DEFAULT_GGN_SAMPLES` = 2 sampled label sets per recalibration for
+``ggn_trace``, the fewest that give the trace a standard error (with one the report's
+standard error is NaN, and the controller's confidence gate would hold every group). On
+``python -m layerwise.experiments.benchmarks.engine`` a recalibration then costs about
+3.2-3.6 forward+backward units on the small CNN and 5.2 on the MLP (one sample: 2.5 and
+4.3-4.4; four: 5.1-5.3 and 6.4-6.6), against 7.2-7.5 and 12.3-12.6 for the Hessian trace at
+4 probes; 1.1 and 1.8-1.9 of those units are the gradient norm's own forward+backward, the
+floor of any recalibration.
+
+Probes: :data:`DEFAULT_PROBES` = 4 Hutchinson probes per recalibration (the Hessian path).
+With the default interval (100 steps) a recalibration then costs about 7% of training time
+on the small CNN of that benchmark (8 probes cost about 15-20% there); the controller's
+smoothing pools the probes of successive recalibrations.
 """
 
 from __future__ import annotations
@@ -15,9 +30,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from layerwise.sensitivity import KNOWN_QUANTITIES, QUANTITIES, EstimateOptions
+from layerwise.policies.rules import rule_quantities
+from layerwise.sensitivity import KNOWN_QUANTITIES, QUANTITIES, EstimateOptions, OutputLoss
 
 __all__ = [
+    "DEFAULT_GGN_SAMPLES",
     "DEFAULT_PROBES",
     "EstimatorSetup",
     "estimator_options",
@@ -29,6 +46,9 @@ __all__ = [
 #: Hutchinson probes per recalibration unless ``estimator={"probes": ...}`` says otherwise
 #: (see the module docstring for why 4).
 DEFAULT_PROBES = 4
+#: Sampled label sets per recalibration for ``ggn_trace`` (``ggn="mc"``) unless
+#: ``estimator={"ggn_samples": ...}`` says otherwise (see the module docstring for why 2).
+DEFAULT_GGN_SAMPLES = 2
 #: Arguments of :func:`layerwise.sensitivity.estimate` that the engine sets itself.
 OWNED = ("groups", "generator", "seed")
 #: Runtime arguments of :func:`layerwise.sensitivity.estimate` (callables, not settings) that
@@ -43,12 +63,16 @@ class EstimatorSetup(NamedTuple):
     runtime: dict[str, Any]
 
 
-def required_quantities(controller: Any) -> tuple[str, ...]:
-    """The report quantities the controller reads: its rule's ``quantities`` and
+def required_quantities(controller: Any, loss_fn: Any = None) -> tuple[str, ...]:
+    """The report quantities the controller reads, given the loss: its rule's quantities
+    (:func:`layerwise.policies.rules.rule_quantities`: the default ``curvature`` rule reads
+    ``ggn_trace`` when ``loss_fn`` is a loss object such as
+    :class:`layerwise.sensitivity.CrossEntropy`, ``hessian_trace`` for a plain callable) and
     ``grad_norm``, in the estimator's order; when the rule declares none, all those any loss
     function gives (:data:`layerwise.sensitivity.QUANTITIES`: not ``ggn_trace``, which needs
-    a loss object and is estimated only for a rule that declares it)."""
-    declared = getattr(getattr(controller, "rule", None), "quantities", None)
+    a loss object and is estimated only for a rule that reads it)."""
+    rule = getattr(controller, "rule", None)
+    declared = rule_quantities(rule, isinstance(loss_fn, OutputLoss))
     if declared is None:
         return QUANTITIES
     if isinstance(declared, str) or not all(q in KNOWN_QUANTITIES for q in declared):
@@ -77,13 +101,14 @@ def make_controller(controller: Any) -> Any:
     return controller
 
 
-def estimator_options(estimator: Any, controller: Any) -> EstimatorSetup:
+def estimator_options(estimator: Any, controller: Any, loss_fn: Any = None) -> EstimatorSetup:
     """The estimator's settings, checked now (not at the first recalibration).
 
     ``estimator`` is ``None``, an :class:`~layerwise.sensitivity.EstimateOptions` (used as it
     is: every field explicit; its ``seed`` must stay at the default, the engine's ``seed=``
     seeds the probes) or a dict of its fields, which override the engine's defaults
-    (``probes`` = :data:`DEFAULT_PROBES`, ``quantities`` = :func:`required_quantities`) and
+    (``probes`` = :data:`DEFAULT_PROBES`, ``ggn_samples`` = :data:`DEFAULT_GGN_SAMPLES`,
+    ``quantities`` = :func:`required_quantities` for ``loss_fn``) and
     may also hold the runtime callables ``batch_size`` and ``progress``. The engine's own
     arguments (``groups``, ``generator``, ``seed``) are refused, as are unknown keys.
     """
@@ -115,7 +140,11 @@ def estimator_options(estimator: Any, controller: Any) -> EstimatorSetup:
     for name, value in runtime.items():
         if not callable(value):
             raise TypeError(f"estimator: {name} must be callable, got {value!r}")
-    defaults = {"probes": DEFAULT_PROBES, "quantities": required_quantities(controller)}
+    defaults = {
+        "probes": DEFAULT_PROBES,
+        "ggn_samples": DEFAULT_GGN_SAMPLES,
+        "quantities": required_quantities(controller, loss_fn),
+    }
     settings = {k: v for k, v in estimator.items() if k not in RUNTIME}
     return EstimatorSetup(EstimateOptions.from_dict({**defaults, **settings}), runtime)
 

@@ -90,7 +90,7 @@ class Recalibrator:
         self.module = unwrap_model(model)
         self.mapping = parameter_mapping(model, optimizer.param_groups)
         check_model(self.module)  # what can be refused without a batch
-        self.options, self.runtime = estimator_options(estimator, self.controller)
+        self.options, self.runtime = estimator_options(estimator, self.controller, loss_fn)
         self.variance_fallback: str | None = None
         if "ggn_trace" in self.options.quantities:  # refused now, not at the first recalibration
             output_loss(loss_fn)

@@ -125,6 +125,7 @@ class EngineSettings:
         callback: Any = None,
         seed: int = 0,
         max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
+        check_finite: bool = True,
     ) -> None:
         if controller is None:
             raise ValueError(
@@ -137,11 +138,15 @@ class EngineSettings:
         self.loss_fn = loss_fn
         self.recalibrate_every = check_int("recalibrate_every", recalibrate_every, minimum=1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
-        estimator_options(estimator, self.controller)  # refused now, not when the fit starts
+        # refused now, not when the fit starts
+        estimator_options(estimator, self.controller, loss_fn)
         self.estimator = estimator
         self.callback = callback
         self.seed = check_int("seed", seed, minimum=0)
         self.max_nonfinite_steps = check_int("max_nonfinite_steps", max_nonfinite_steps, minimum=1)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+        self.check_finite = check_finite
 
     def wrap(
         self,
@@ -163,6 +168,7 @@ class EngineSettings:
             callback=self.callback,
             seed=self.seed,
             max_nonfinite_steps=self.max_nonfinite_steps,
+            check_finite=self.check_finite,
         )
 
 

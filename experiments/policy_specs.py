@@ -30,7 +30,10 @@ engine):
 override a preset's keys in a ``[policies.NAME]`` table. ``curvature_ggn`` is the curvature
 controller on the Gauss-Newton trace (``ggn_trace``, sampled labels), which needs the task's
 loss to be a loss object (every bundled task's is a
-:class:`layerwise.sensitivity.CrossEntropy`); ``curvature`` reads the Hessian trace. A base
+:class:`layerwise.sensitivity.CrossEntropy`); the presets ``curvature`` and
+``curvature+noise`` read the Hessian trace (rule ``curvature_hessian``: the engine's default
+``curvature`` rule reads the GGN trace whenever the loss is a loss object, which would make
+the ``curvature`` arm a copy of ``curvature_ggn``). A base
 rate is never part of a policy: it is tuned per policy from the task's grid.
 """
 
@@ -70,8 +73,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "layer_decay": {"kind": "layer_decay", "decay": 0.75, "min_factor": 0.0},
     "discriminative": {"kind": "discriminative", "head": 1.0, "backbone": 0.3},
     **{
-        rule: {"kind": "controller", "rule": rule, **copy.deepcopy(_CONTROLLER_DEFAULTS)}
-        for rule in ("trust_ratio", "curvature", "curvature_ggn", "noise", "curvature+noise")
+        name: {"kind": "controller", "rule": rule, **copy.deepcopy(_CONTROLLER_DEFAULTS)}
+        for name, rule in (
+            ("trust_ratio", "trust_ratio"),
+            # the study's curvature arm is the Hessian-trace controller it measured; the rule
+            # named "curvature" reads the GGN trace of a loss object (curvature_ggn's arm)
+            ("curvature", "curvature_hessian"),
+            ("curvature_ggn", "curvature_ggn"),
+            ("noise", "noise"),
+            ("curvature+noise", "curvature_hessian+noise"),
+        )
     },
     "sam": {"kind": "uniform", "sam": {"rho": 0.05}},
     "normalized": {"kind": "uniform", "normalize_grads": True},

@@ -51,11 +51,14 @@ meaning. Every built-in rule is a power law in positive quantities, ``s_g = powe
 Each rule declares ``quantities``, the estimate quantities it reads (beyond ``param_norm`` and
 ``num_params``, which every report holds): ``curvature`` and ``curvature_hessian``
 ``("hessian_trace",)`` (``"auto"`` reads ``ggn_trace`` too, when the estimate was also asked
-for it, e.g. by ``layerwise analyze --quantities``), ``curvature_ggn`` ``("ggn_trace",)``
-(which needs a loss object, :class:`layerwise.sensitivity.CrossEntropy`), ``noise``
-``("grad_norm", "grad_variance")`` (``grad_variance`` brings ``noise_to_signal``; ``grad_norm``
-its standard error), ``trust_ratio`` ``("grad_norm",)``, ``uniform`` ``()``; a composition the
-union. The engine estimates exactly those (plus ``grad_norm`` for the controller's spike check).
+for it, e.g. by ``layerwise analyze --quantities``; and ``curvature``'s
+``quantities_for(loss_object=True)`` is ``("ggn_trace",)``, so an engine whose loss is a
+loss object estimates the GGN trace instead of the Hessian's: :func:`rule_quantities`),
+``curvature_ggn`` ``("ggn_trace",)`` (which needs a loss object,
+:class:`layerwise.sensitivity.CrossEntropy`), ``noise`` ``("grad_norm", "grad_variance")``
+(``grad_variance`` brings ``noise_to_signal``; ``grad_norm`` its standard error),
+``trust_ratio`` ``("grad_norm",)``, ``uniform`` ``()``; a composition the union. The engine
+estimates exactly those (plus ``grad_norm`` for the controller's spike check).
 
 Composition (``"curvature+noise"`` or a list) sums the scores, i.e. multiplies the multipliers,
 then renormalises. Rules are frozen dataclasses; ``RULES`` maps names to zero-argument factories,
@@ -83,6 +86,7 @@ __all__ = [
     "UniformRule",
     "make_rule",
     "normalise",
+    "rule_quantities",
 ]
 
 #: Log-multipliers are clipped to this magnitude before ``exp`` (far beyond any bound).
@@ -179,6 +183,14 @@ class CurvatureRule:
     def quantities(self) -> tuple[str, ...]:
         """``("ggn_trace",)`` for source ``"ggn"``, else ``("hessian_trace",)``."""
         return ("ggn_trace",) if self.source == "ggn" else ("hessian_trace",)
+
+    def quantities_for(self, loss_object: bool) -> tuple[str, ...]:
+        """The trace to estimate for this rule given the loss: source ``"auto"`` asks for
+        ``ggn_trace`` when the loss is a loss object (which gives it), else
+        ``hessian_trace``; the other sources ask for their own whatever the loss."""
+        if self.source == "auto" and loss_object:
+            return ("ggn_trace",)
+        return self.quantities
 
     def source_of(self, report: SensitivityReport) -> str:
         """The source read from ``report``: ``"auto"`` is ``"ggn"`` when any group has a
@@ -310,6 +322,13 @@ class CompositeRule:
             wanted.update(getattr(part, "quantities", QUANTITIES))
         return tuple(q for q in KNOWN_QUANTITIES if q in wanted)
 
+    def quantities_for(self, loss_object: bool) -> tuple[str, ...]:
+        """The union of the parts' :func:`rule_quantities` for this loss."""
+        wanted = set()
+        for part in self.parts:
+            wanted.update(rule_quantities(part, loss_object) or QUANTITIES)
+        return tuple(q for q in KNOWN_QUANTITIES if q in wanted)
+
     def measure(self, report: SensitivityReport) -> Measured:
         merged: Measured = {g.group: {} for g in report}
         for part in self.parts:
@@ -328,6 +347,24 @@ class CompositeRule:
 
     def score(self, logs: Mapping[str, float]) -> float:
         return math.fsum(p.score(logs) for p in self.parts)
+
+
+def rule_quantities(rule: object, loss_object: bool) -> tuple[str, ...] | None:
+    """The estimate quantities ``rule`` reads, given whether the loss is a loss object
+    (:class:`layerwise.sensitivity.CrossEntropy`, ...): its ``quantities_for(loss_object)``
+    when it has one (``curvature``'s ``"auto"`` source reads ``ggn_trace`` from a loss
+    object, ``hessian_trace`` otherwise), else its ``quantities``; ``None`` when it
+    declares none.
+
+    >>> rule = make_rule("curvature")
+    >>> rule_quantities(rule, True), rule_quantities(rule, False)
+    (('ggn_trace',), ('hessian_trace',))
+    """
+    pick = getattr(rule, "quantities_for", None)
+    if callable(pick):
+        return tuple(pick(loss_object))
+    declared = getattr(rule, "quantities", None)
+    return None if declared is None else declared
 
 
 #: Registry of rules by name: zero-argument factories.

@@ -9,7 +9,12 @@ import math
 import pytest
 import torch
 
-from layerwise.engine import DEFAULT_PROBES, LayerwiseOptimizer, required_quantities
+from layerwise.engine import (
+    DEFAULT_GGN_SAMPLES,
+    DEFAULT_PROBES,
+    LayerwiseOptimizer,
+    required_quantities,
+)
 from layerwise.policies import RULES, SensitivityController
 from layerwise.sensitivity import (
     KNOWN_QUANTITIES,
@@ -45,11 +50,43 @@ def _reports(controller, estimator, steps: int = 2) -> list:
 @pytest.mark.parametrize("rule", [*RULES, "curvature+noise"])
 def test_quantities_default_to_what_the_rule_declares_plus_grad_norm(rule):
     controller = SensitivityController(rule, max_rel_stderr=math.inf)
-    expected = tuple(q for q in KNOWN_QUANTITIES if q in {*controller.rule.quantities, "grad_norm"})
+    declared = controller.rule.quantities
+    expected = tuple(q for q in KNOWN_QUANTITIES if q in {*declared, "grad_norm"})
+    # the rule's quantities for this loss: "auto" curvature reads the GGN trace of a loss object
+    auto = rule.split("+")[0] == "curvature"
+    swap = {"hessian_trace": "ggn_trace"} if auto else {}
+    for_object = tuple(q for q in KNOWN_QUANTITIES if q in {swap.get(q, q) for q in expected})
     assert required_quantities(controller) == expected
+    if "ggn_trace" not in declared:
+        assert required_quantities(controller, plain_loss_fn) == expected
+    assert required_quantities(controller, loss_fn) == for_object
     (report, *_) = _reports(controller, None, steps=1)
-    assert report.settings["quantities"] == list(expected)
+    assert report.settings["quantities"] == list(for_object)
     assert report.settings["probes"] == DEFAULT_PROBES
+
+
+def test_the_default_curvature_rule_reads_the_ggn_trace_of_a_loss_object():
+    """``curvature`` (source "auto") with a loss object: the engine estimates ``ggn_trace``
+    (DEFAULT_GGN_SAMPLES label samples, no Hessian probes) and the rule reads it; with a plain
+    callable, ``hessian_trace`` at DEFAULT_PROBES probes; ``curvature_hessian`` keeps the
+    Hessian trace whatever the loss."""
+    controller = SensitivityController("curvature", max_rel_stderr=math.inf)
+    (report, *_) = _reports(controller, None, steps=1)
+    assert report.settings["quantities"] == ["grad_norm", "ggn_trace"]
+    assert {e.ggn_samples for e in report} == {DEFAULT_GGN_SAMPLES}
+    assert all(e.hessian_trace is None and e.ggn_trace > 0 for e in report)
+    assert controller.rule.source_of(report) == "ggn"
+    net = mlp(dropout=0.0)
+    opt = LayerwiseOptimizer(
+        torch.optim.SGD(named_groups(net), lr=0.1), model=net, loss_fn=plain_loss_fn,
+        controller="curvature", recalibrate_every=10**6,
+    )  # fmt: skip
+    assert opt._recalibrator.options.quantities == ("grad_norm", "hessian_trace")
+    assert opt._recalibrator.options.probes == DEFAULT_PROBES
+    old = SensitivityController("curvature_hessian", max_rel_stderr=math.inf)
+    (report, *_) = _reports(old, None, steps=1)
+    assert report.settings["quantities"] == ["grad_norm", "hessian_trace"]
+    assert all(e.ggn_trace is None for e in report)
 
 
 class _NoRule:
@@ -82,7 +119,7 @@ def test_a_rule_declaring_unknown_quantities_is_refused_at_construction():
 
 
 def test_a_dict_overrides_the_engine_defaults_and_reaches_every_estimate():
-    controller = SensitivityController("curvature", max_rel_stderr=math.inf)
+    controller = SensitivityController("curvature_hessian", max_rel_stderr=math.inf)
     reports = _reports(controller, {"probes": 3, "hvp_mode": "jvp", "chunk_size": 2})
     assert len(reports) == 2
     for report in reports:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from layerwise.engine import LayerwiseOptimizer, NonFiniteGradientError
-from layerwise.engine.nonfinite import nonfinite_groups
+from layerwise.engine.nonfinite import FiniteCheck, nonfinite_groups
 from layerwise.policies import Safety, SensitivityController
 
 from .helpers import OPTIMIZERS, data, loss_fn, mlp, named_groups, params_of
@@ -243,3 +243,57 @@ def test_the_check_leaves_finite_gradients_bit_for_bit_and_names_the_groups():
     assert nonfinite_groups(groups) == [1]
     params[0].grad[0] = -math.inf
     assert nonfinite_groups(groups) == [0, 1]
+
+
+def test_one_check_reused_over_steps_gives_each_step_its_own_verdict():
+    """The engine's FiniteCheck keeps its flag tensors across steps: a flagged step does not
+    leak into the next; a sparse gradient sends it the general way, which stays exact."""
+    dense = torch.zeros(3, requires_grad=True)
+    emb = nn.Embedding(4, 2, sparse=True)
+    groups = [{"params": [dense]}, {"params": list(emb.parameters())}]
+    check = FiniteCheck()
+    dense.grad = torch.ones(3)
+    assert check(groups) is None
+    dense.grad[1] = math.inf
+    assert check(groups) == [0]
+    dense.grad[1] = 2.0
+    assert check(groups) is None  # the flag set by the step before was cleared
+    emb(torch.tensor([1, 3])).sum().backward()
+    assert check(groups) is None
+    emb.weight.grad._values()[1, 0] = math.nan
+    assert check(groups) == [1]
+    emb.weight.grad = None
+    dense.grad[0] = -math.inf
+    assert check(groups) == [0]
+    dense.grad[0] = 0.0
+    assert check(groups) is None
+
+
+def test_check_finite_false_leaves_the_gradients_to_the_base_optimizer(monkeypatch):
+    """check_finite=False: no check, no read of the device, nothing skipped or counted; a
+    NaN reaches the parameters as it would without the engine."""
+    net = mlp(dropout=0.0)
+    opt = _engine(net, "sgd_momentum", controller=False, check_finite=False)
+    batch = data(1)[0]
+    _step(net, opt, batch, poison=(0, math.nan))
+    assert opt.nonfinite_steps == 0 and opt.steps == 1 and len(opt.history) == 0
+    assert net[0].weight.isnan().any()
+    opt.zero_grad()
+    loss_fn(net, batch).backward()
+    assert _count_reads(monkeypatch, opt.step) == Counter()
+    with pytest.raises(TypeError, match="check_finite must be a bool, got 1"):
+        _engine(net, controller=False, check_finite=1)
+
+
+def test_the_trainer_settings_pass_check_finite_through():
+    from layerwise.engine.trainer_support import CurrentBatch, EngineSettings
+
+    net = mlp(dropout=0.0)
+    for flag in (True, False):
+        settings = EngineSettings("trust_ratio", check_finite=flag)
+        engine = settings.wrap(
+            OPTIMIZERS["sgd_momentum"](named_groups(net)), net, loss_fn, CurrentBatch("a test")
+        )
+        assert (engine._check is not None) == flag
+    with pytest.raises(TypeError, match="check_finite must be a bool, got 'no'"):
+        EngineSettings("trust_ratio", check_finite="no")
