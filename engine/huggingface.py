@@ -96,7 +96,7 @@ class LayerwiseCallback(transformers.TrainerCallback):
         recalibrate_every, warmup_steps: as for :class:`layerwise.engine.LayerwiseOptimizer`,
             in optimizer steps.
         loss_fn: ``loss_fn(model, batch) -> mean loss``; ``None``: ``model(**batch).loss``.
-        estimator, callback, seed, max_nonfinite_steps: as for the engine.
+        estimator, callback, seed, max_nonfinite_steps, check_finite: as for the engine.
 
     During and after training: :attr:`history`, :attr:`multipliers`, :attr:`engine`.
     """
@@ -112,6 +112,7 @@ class LayerwiseCallback(transformers.TrainerCallback):
         callback: Any = None,
         seed: int = 0,
         max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
+        check_finite: bool = True,
     ) -> None:
         self.settings = EngineSettings(
             controller,
@@ -122,6 +123,7 @@ class LayerwiseCallback(transformers.TrainerCallback):
             callback=callback,
             seed=seed,
             max_nonfinite_steps=max_nonfinite_steps,
+            check_finite=check_finite,
         )
         self.engine: LayerwiseOptimizer | None = None
         self._current = CurrentBatch("the model (called as model(**inputs) in training mode)")

@@ -297,3 +297,15 @@ def test_the_trainer_settings_pass_check_finite_through():
         assert (engine._check is not None) == flag
     with pytest.raises(TypeError, match="check_finite must be a bool, got 'no'"):
         EngineSettings("trust_ratio", check_finite="no")
+
+
+@pytest.mark.parametrize("trainer", ["lightning", "huggingface"])
+def test_the_trainer_callbacks_pass_check_finite_through(trainer):
+    pytest.importorskip({"lightning": "lightning", "huggingface": "transformers"}[trainer])
+    from importlib import import_module
+
+    callback = import_module(f"layerwise.engine.{trainer}").LayerwiseCallback
+    for flag in (True, False):
+        assert callback("trust_ratio", check_finite=flag).settings.check_finite is flag
+    with pytest.raises(TypeError, match="check_finite must be a bool, got 0"):
+        callback("trust_ratio", check_finite=0)
