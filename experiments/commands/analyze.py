@@ -34,8 +34,10 @@ e.g. layerwise.sensitivity.CrossEntropy(forward, target); default: cross-entropy
 (inputs, targets), a loss object; for dict batches, such as a Hugging Face collator's,
 model(**batch).loss) are import paths; the grouping flags (--strategy, --head, ...) are those of
 `layerwise groups`. --quantities picks what is estimated (default: all, which leaves out
-ggn_trace); the policy's own quantities are always added, so --policy curvature_ggn
-estimates ggn_trace, which needs a loss object. --out DIR receives
+ggn_trace); the policy's own quantities are always added, as the engine asks for them: the
+default --policy curvature reads ggn_trace from a loss object and hessian_trace from a plain
+function, and --policy curvature_ggn estimates ggn_trace, which needs a loss object. --out
+DIR receives
 report.csv (a row per group, with the policy's multiplier and reason), report.json (the
 report, the policy's decision and the manifest: model, checkpoint and data SHA-256, groups,
 estimator, seed, versions, device, dtype) and four PNG plots; a DIR holding earlier results
@@ -144,13 +146,17 @@ def _progress(description: str) -> Iterator[Callable[[int, int], None] | None]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def quantities_of(args: argparse.Namespace) -> tuple[str, ...]:
+def quantities_of(args: argparse.Namespace, loss_fn: Any) -> tuple[str, ...]:
     """The quantities to estimate: ``--quantities`` (``all``: those any loss gives) and those
-    the ``--policy`` rule reads, in the estimator's order."""
+    the ``--policy`` rule reads of ``loss_fn``, as the engine asks for them
+    (:func:`layerwise.policies.rules.rule_quantities`: ``curvature`` reads ``ggn_trace`` from
+    a loss object, ``hessian_trace`` from a plain function), in the estimator's order."""
     from layerwise.policies import make_rule
-    from layerwise.sensitivity import KNOWN_QUANTITIES, QUANTITIES
+    from layerwise.policies.rules import rule_quantities
+    from layerwise.sensitivity import KNOWN_QUANTITIES, QUANTITIES, OutputLoss
 
-    wanted = set(make_rule(args.policy).quantities)
+    rule = make_rule(args.policy)
+    wanted = set(rule_quantities(rule, isinstance(loss_fn, OutputLoss)) or ())
     for q in args.quantities:
         wanted.update(QUANTITIES if q == "all" else (q,))
     return tuple(q for q in KNOWN_QUANTITIES if q in wanted)
@@ -183,7 +189,9 @@ def _estimate(inputs: Any, groups: Any, args: argparse.Namespace, dtype: Any) ->
     settings.update(ggn=args.ggn, ggn_samples=args.ggn_samples)
     options = {
         "groups": groups.mapping(),
-        "options": EstimateOptions(**settings, dtype=dtype, quantities=quantities_of(args)),
+        "options": EstimateOptions(
+            **settings, dtype=dtype, quantities=quantities_of(args, inputs.loss_fn)
+        ),
     }
     with _progress("estimating") as progress:
         try:
@@ -217,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             inputs = analysis.user_inputs(args, device=device, dtype=dtype)
-    _check_loss(inputs, quantities_of(args), args)
+    _check_loss(inputs, quantities_of(args, inputs.loss_fn), args)
     groups = build_groups(inputs.model, grouping)
     report = _estimate(inputs, groups, args, dtype)
     policy = analysis.suggest(report, args.policy)

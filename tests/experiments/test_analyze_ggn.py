@@ -116,7 +116,8 @@ def test_quantities_csv_holds_the_ggn_columns(workspace, capsys):
     assert list(frame.columns) == [*COLUMNS, "multiplier", "reason"]
     assert frame["ggn_trace"].gt(0).all() and frame["ggn_samples"].eq(6).all()
     assert frame["grad_norm"].isna().all() and frame["grad_variance"].isna().all()
-    assert frame["hessian_trace"].notna().all()  # what the default policy declares
+    # the default policy reads the GGN trace of a loss object, as the engine does: no Hessian
+    assert frame["hessian_trace"].isna().all()
     assert (frame["ggn_curvature"] * frame["num_params"]).tolist() == pytest.approx(
         frame["ggn_trace"].tolist()
     )
@@ -159,3 +160,13 @@ def test_bad_ggn_input_gives_one_line_and_exit_code(workspace, capsys, argv, cod
         got = exc.code
     captured = capsys.readouterr()
     assert_one_line(got, captured.out, captured.err, code, expected)
+
+
+def test_the_default_policy_reads_the_hessian_trace_of_a_plain_loss(workspace, capsys):
+    code = main(["analyze", *USER, *SMALL, "--loss", "lw_ggn_models:plain", "--quantities",
+                 "grad_norm", "--format", "csv"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    frame = pd.read_csv(io.StringIO(captured.out), dtype={"group": str})
+    assert frame["hessian_trace"].notna().all() and frame["ggn_trace"].isna().all()
+    assert frame["reason"].str.startswith("curvature: curvature").all()
