@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from layerwise.sensitivity.batching import slice_batch
 from layerwise.sensitivity.functional import FunctionalLoss
@@ -94,11 +95,12 @@ class _Call:
         self.aliases: dict[str, torch.Tensor] = {}
         self.originals: dict[str, torch.Tensor] = {}
         self.saved: Any = None
+        #: the autograd edge of the call's output: asking a backward pass for it gives the
+        #: output gradient δ (taken before any later in-place change of the output) without
+        #: running the layer's own backward
+        self.edge: Any = None
         self.delta: torch.Tensor | None = None
         self.elements = 0
-
-    def set_delta(self, grad: torch.Tensor) -> None:
-        self.delta = grad
 
 
 class _Capture:
@@ -142,7 +144,7 @@ class _Capture:
         if not ok or output.dim() == 0 or output.shape[0] != self.size:
             self.bad.update(call.names.values())
             return
-        output.register_hook(call.set_delta)
+        call.edge = get_gradient_edge(output)
         call.elements = output.numel() + _numel(call.saved)
         self.calls.append(call)
 
@@ -190,16 +192,20 @@ def example_norms(
     with capture.hooks(loss), torch.enable_grad():
         out = loss(live, batch)
     aliases = [(c, local, t) for c in capture.calls for local, t in c.aliases.items()]
-    if out.requires_grad:
-        inputs = [*live.values(), *(t for _, _, t in aliases)]
+    calls = capture.calls
+    if out.requires_grad:  # the parameters', the aliases' and the outputs' gradients at once
+        inputs = [*live.values(), *(t for _, _, t in aliases), *(c.edge for c in calls)]
         grads = torch.autograd.grad(out, inputs, allow_unused=True)
     else:
-        grads = (None,) * (len(live) + len(aliases))
+        grads = (None,) * (len(live) + len(aliases) + len(calls))
+    for call, delta in zip(calls, grads[len(live) + len(aliases) :], strict=True):
+        call.delta = delta
     direct = dict(zip(live, grads[: len(live)], strict=True))
     gradient: dict[str, torch.Tensor | None] = dict(direct)
     terms: dict[str, list[Any]] = {n: [] for n in live}
     budget: dict[str, int] = dict.fromkeys(live, 0)
-    for (call, local, _), g in zip(aliases, grads[len(live) :], strict=True):
+    through = grads[len(live) : len(live) + len(aliases)]
+    for (call, local, _), g in zip(aliases, through, strict=True):
         name = call.names[local]
         if g is not None:
             have = gradient[name]
