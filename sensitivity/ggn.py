@@ -20,6 +20,15 @@ because their h_t are independent with mean zero. Each of K samples per batch gi
 such term t_k; the estimate is their mean, its standard error s/√K (s the sample standard
 deviation of the t_k). Unbiased, and a sum of squares: never negative.
 
+**One label set** (K = 1, per example): the terms x_i = ‖a_i,g‖² of the B examples are
+independent given the batch, so the standard error is that of their sum,
+√(B s_x²)/M (s_x² their sample variance). Since E[s_x²] = mean_i Var(x_i) + (spread of the
+examples' own traces E x_i), it never understates the label noise given the batch; it is
+the standard error of the estimate of the GGN trace over the data's distribution (examples
+drawn independently), calibrated there (``tests/sensitivity/test_ggn_stderr_calibration``).
+With K >= 2 it is the label noise given the batch, as above. Under BatchNorm in training
+mode one label set has one term per batch: no standard error (``nan``).
+
 **BatchNorm in training mode** (examples interact: z_i depends on every example, and
 per-example gradients are undefined). The batch function's own per-example contributions
 J_iᵀ h_i, J_i the Jacobian of z_i *through the whole batch*, still satisfy the identity
@@ -36,9 +45,17 @@ of an example (batched with ``vmap`` over examples), or of the whole batch under
 in training mode. Refused with :class:`GGNSizeError` above :data:`EXACT_MAX_COLUMNS`
 passes per batch.
 
-Cost: one forward pass and K (or C) backward passes, batched with ``vmap`` (over examples
-and over samples); the per-example gradients of a chunk of examples are reduced to squared
-norms per group at once (:mod:`layerwise.sensitivity.output_vjp`). The labels' noise is
+Cost: one forward pass and K (or C) backward passes. Where every measured parameter is
+used by covered layers alone, the squared norms are factorised over the layers' inputs and
+output gradients (:mod:`layerwise.sensitivity.cotangent_norms`: each backward pass asks for
+the layers' output gradients only, no parameter gradient), and with ``gradient=True``
+(:meth:`GGNEstimator.batch`, what :func:`~layerwise.sensitivity.estimate` asks when
+``grad_norm`` comes with ``ggn_trace`` and nothing else gives the gradient) the same
+forward pass also gives the mean loss's gradient, by one more backward pass: ``grad_norm``
+and ``ggn_trace`` at one label sample cost one forward and two backward passes. Elsewhere
+they are batched with ``vmap`` (over examples and over samples); the per-example gradients
+of a chunk of examples are reduced to squared norms per group at once
+(:mod:`layerwise.sensitivity.output_vjp`). The labels' noise is
 drawn from the estimator's generator (never the global RNG); dropout draws one mask per
 example, as per-example gradients do.
 Scaling: L is the mean loss, so traces are in loss units per squared parameter unit,
@@ -257,10 +274,13 @@ class GGNEstimator:
         def criterion(out: torch.Tensor) -> torch.Tensor:
             return loss.criterion(out, targets)
 
+        def batched(out: torch.Tensor) -> torch.Tensor:  # every token at once, no vmap
+            return sampled_cotangents(loss, out, targets, noise, sampler)
+
         extra = [(targets, 0), (noise, 1)]
         found = self.vjps.factorised(
             values, batch, size, per_example, extra, check=check,
-            criterion=criterion if gradient else None,
+            criterion=criterion if gradient else None, batched=batched,
         )  # fmt: skip
         if found is None:  # the outputs' shapes checked on one example first
             self._first(values, batch, size, targets)

@@ -205,13 +205,15 @@ class OutputVJP:
         *,
         check: Callable[[torch.Tensor], Any] | None = None,
         criterion: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        batched: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> OutputNorms | None:
         """:meth:`example_norms` by :func:`cotangent_norms` (one forward pass, one backward
         pass per cotangent), or ``None`` where it does not apply; ``method`` then reads
         ``"factorised"``. The per-example cotangents are made for the whole batch at once
-        by ``vmap``, after ``check(z)`` of the whole batch's outputs. ``criterion(z)``: a
-        loss of the outputs whose gradient the same forward pass also gives
-        (:func:`cotangent_norms`)."""
+        by ``vmap``, after ``check(z)`` of the whole batch's outputs, or by ``batched(z)``
+        when given (``[C, *z.shape]``, the same cotangents made for the whole batch at once,
+        without the per-example ``vmap``). ``criterion(z)``: a loss of the outputs whose
+        gradient the same forward pass also gives (:func:`cotangent_norms`)."""
 
         def one(z: torch.Tensor, *moving: torch.Tensor) -> torch.Tensor:
             return cotangents(z.unsqueeze(0), *moving).squeeze(1)  # (C, *z_i.shape[1:])
@@ -219,6 +221,8 @@ class OutputVJP:
         def batch_cotangents(z: torch.Tensor) -> torch.Tensor:
             if check is not None:
                 check(z)
+            if batched is not None:
+                return batched(z)
             in_dims = (0, *(d for _, d in extra))
             per = vmap(one, in_dims=in_dims)(z, *(t for t, _ in extra))  # (B, C, ...)
             return per.movedim(0, 1)
