@@ -289,9 +289,9 @@ class Run:
         twice_differentiable_attention`: Hessian products, the GGN, ``vmap`` gradients."""
         return self.plan.trace or self.ggn is not None or bool(self.vmapped)
 
-    def _per_group(self, per_param: list[torch.Tensor]) -> torch.Tensor:
-        stacked = torch.stack(per_param).to(self.device)
-        return self.zeros.clone().index_add_(0, self.group_ids, stacked)
+    def _per_group(self, stacked: torch.Tensor) -> torch.Tensor:
+        """(params,) -> (G,): the sum over each group's parameters."""
+        return self.zeros.clone().index_add_(0, self.group_ids, stacked.to(self.device))
 
     def report(self, wanted: tuple[str, ...]) -> SensitivityReport:
         plan, index, n = self.plan, self.plan.index, self.examples
@@ -365,6 +365,6 @@ class Run:
         return SensitivityReport(tuple(groups), cost, settings)
 
 
-def _squares(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """‖t‖² of each tensor, in one fused pass."""
-    return [t.square() for t in torch._foreach_norm(tensors)]
+def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """‖t‖² of each tensor, stacked, in one fused pass (and one squaring)."""
+    return torch.stack(torch._foreach_norm(tensors)).square()
