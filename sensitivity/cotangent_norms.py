@@ -2,7 +2,7 @@
 
 For outputs z(θ) of a batch whose examples do not interact and cotangents c_1..c_K shaped
 like z, the gradient of ⟨z, c_k⟩ splits over the examples: example i's part is
-J_iᵀ c_k,i, J_i = ∂z_i/∂θ. :func:`cotangent_sq_norms` runs the forward pass once with the
+J_iᵀ c_k,i, J_i = ∂z_i/∂θ. :func:`cotangent_norms` runs the forward pass once with the
 hooks of :mod:`layerwise.sensitivity.factorised` (covered layers' inputs kept, each
 measured parameter swapped for an alias per call), then one backward pass of ⟨z, c_k⟩ per
 cotangent (the graph kept between them; the pass asks for the autograd edges of the
@@ -26,7 +26,7 @@ use, every call leading with the ``size`` examples): else ``None``, and the call
 >>> outputs = FunctionalLoss(net, lambda m, b: m(b), ["weight"])
 >>> x = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
 >>> ones = lambda z: torch.ones(1, *z.shape)  # one cotangent, all ones
->>> cotangent_sq_norms(outputs, outputs.values, x, 2, ones)["weight"]  # ‖x_1‖² + ‖x_2‖²
+>>> cotangent_norms(outputs, outputs.values, x, 2, ones).sums["weight"]  # ‖x_1‖² + ‖x_2‖²
 tensor([14.])
 """
 
@@ -44,7 +44,7 @@ from layerwise.sensitivity.functional import FunctionalLoss
 from layerwise.sensitivity.outer_norms import example_sq_norms_and_dots
 from layerwise.sensitivity.validation import check_int
 
-__all__ = ["CotangentNorms", "cotangent_norms", "cotangent_sq_norms"]
+__all__ = ["CotangentNorms", "cotangent_norms"]
 
 Params = dict[str, torch.Tensor]
 #: Most covered calls of one parameter whose gradients :func:`cotangent_norms` adds up itself
@@ -67,22 +67,6 @@ class CotangentNorms:
     gradient: Params | None = None
 
 
-def cotangent_sq_norms(
-    function: FunctionalLoss,
-    values: Params,
-    batch: Any,
-    size: int,
-    cotangents: Callable[[torch.Tensor], torch.Tensor],
-    chunk: int | None = None,
-) -> Params | None:
-    """``{name: (K,)}``: Σ_i ‖(J_iᵀ c_k,i)_name‖² for the K cotangents
-    ``cotangents(z)`` (shaped ``[K, *z.shape]``) of the outputs z of
-    ``function.evaluate(values, batch)``; ``None`` when a parameter is not covered (module
-    docstring). ``chunk`` caps the examples handled at once."""
-    found = cotangent_norms(function, values, batch, size, cotangents, chunk)
-    return None if found is None else found.sums
-
-
 def cotangent_norms(
     function: FunctionalLoss,
     values: Params,
@@ -92,10 +76,14 @@ def cotangent_norms(
     chunk: int | None = None,
     criterion: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> CotangentNorms | None:
-    """:func:`cotangent_sq_norms` with the per-example terms kept, and, given a
-    ``criterion(z)`` (a scalar loss of the outputs, e.g. the mean loss of a loss object),
-    its gradient from the same forward pass: one more backward pass, for the parameters
-    and the covered calls' aliases, before the cotangents' (the graph is kept). The
+    """``sums``: ``{name: (K,)}``, Σ_i ‖(J_iᵀ c_k,i)_name‖² for the K cotangents
+    ``cotangents(z)`` (shaped ``[K, *z.shape]``) of the outputs z of
+    ``function.evaluate(values, batch)``, and the per-example terms; ``None`` when a
+    parameter is not covered (module docstring). ``chunk`` caps the examples handled at
+    once. Given a ``criterion(z)`` (a scalar loss of the outputs, e.g. the mean loss of a
+    loss object), also its gradient from the same forward pass: one more backward pass,
+    for the parameters and the covered calls' aliases, before the cotangents' (the graph is
+    kept). The
     gradient is ``None`` when the criterion does not depend on the parameters or a
     parameter has more than :data:`MAX_SHARED_CALLS` covered calls (the caller then takes
     it from a pass of its own); it is the one a separate pass gives, bit for bit."""
