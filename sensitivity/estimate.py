@@ -109,9 +109,13 @@ def estimate(
       :class:`layerwise.sensitivity.ggn.GGNLossError`). ``ggn="mc"``: ``ggn_samples``
       label sets per batch drawn from the model's predictive distribution (importance-
       weighted by default, ``ggn_sampler``; from the probe generator, after the batch's
-      probes), per example, or through the batch function
-      under BatchNorm in training mode; ``ggn="exact"``: one backward pass per output
-      entry (:class:`layerwise.sensitivity.ggn.GGNSizeError` above
+      probes), per example, or through the batch function under BatchNorm in training
+      mode; with one label set per batch, the standard error comes from the spread of the
+      per-example terms; with ``grad_norm`` and neither a Hessian trace nor per-example
+      variance, the gradient comes from the sampled terms' forward pass (one forward and
+      1 + K backward passes in all, where the per-example norms are factorised);
+      ``ggn="exact"``: one backward pass per output entry
+      (:class:`layerwise.sensitivity.ggn.GGNSizeError` above
       :data:`layerwise.sensitivity.ggn.EXACT_MAX_COLUMNS`).
 
     Several batches: a batch of B_b examples weighs B_b/N. Traces and gradient statistics

@@ -5,7 +5,11 @@ that :mod:`layerwise.sensitivity.layer_terms` covers, takes the gradient of the 
 respect to the parameters and to those layers' outputs in **one** backward pass, and
 turns each layer call's input and output gradient into ‖g_i‖² and g_i·c per example and
 parameter (:mod:`layerwise.sensitivity.outer_norms`), never forming the B per-example
-gradients.
+gradients. A parameter that one covered call uses is reduced inside the backward pass, as
+soon as its gradient c is known (hooks on the call's output and on the parameter's
+alias), and the call's input and output gradient are let go there: the peak memory stays
+near that of a plain backward pass, which lets go of each layer's activations as it
+passes (a weight tied between calls waits for its whole gradient, at the end).
 
 **Convention.** L is the mean loss over the B examples of the batch, c = ∇L, and
 
@@ -45,6 +49,7 @@ Examples must not interact (no BatchNorm in training mode: use micro-batches).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +57,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from layerwise.sensitivity.batching import slice_batch
 from layerwise.sensitivity.functional import FunctionalLoss
@@ -94,7 +100,14 @@ class _Call:
         self.aliases: dict[str, torch.Tensor] = {}
         self.originals: dict[str, torch.Tensor] = {}
         self.saved: Any = None
+        #: the autograd edge of the call's output: asking a backward pass for it gives the
+        #: output gradient δ (taken before any later in-place change of the output) without
+        #: running the layer's own backward
+        self.edge: Any = None
         self.delta: torch.Tensor | None = None
+        self.made: dict[str, Any] | None = None  # the terms, once made
+        self.finished = 0  # aliases whose norms were taken during the backward pass
+        self.released = False  # those of every alias: input and δ let go
         self.elements = 0
 
     def set_delta(self, grad: torch.Tensor) -> None:
@@ -104,8 +117,11 @@ class _Call:
 class _Capture:
     """Forward hooks that swap in aliases and record the covered calls."""
 
-    def __init__(self, live: Params, size: int) -> None:
+    def __init__(self, live: Params, size: int, hook_outputs: bool = False) -> None:
         self.size = size
+        #: hook each covered output for its gradient δ (set on the call as the backward pass
+        #: reaches it), at once, before a later in-place change of the output
+        self.hook_outputs = hook_outputs
         self.by_id = {id(t): n for n, t in live.items()}
         self.calls: list[_Call] = []
         self.open: dict[int, list[_Call]] = {}
@@ -142,7 +158,9 @@ class _Capture:
         if not ok or output.dim() == 0 or output.shape[0] != self.size:
             self.bad.update(call.names.values())
             return
-        output.register_hook(call.set_delta)
+        call.edge = get_gradient_edge(output)
+        if self.hook_outputs:
+            output.register_hook(call.set_delta)
         call.elements = output.numel() + _numel(call.saved)
         self.calls.append(call)
 
@@ -169,6 +187,33 @@ class _Capture:
                 h.remove()
 
 
+def _early(
+    call: _Call,
+    local: str,
+    size: int,
+    chunk: int | None,
+    into: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> Any:
+    """The hook on the alias ``local`` of ``call``: its norms and dots from its gradient (the
+    parameter's whole gradient c: it has no other call), into ``into``; once every alias of
+    the call has its own, the call's input and δ are released."""
+
+    def hook(grad: torch.Tensor) -> None:
+        if call.delta is None:
+            return
+        if call.made is None:
+            call.made = call.spec.terms(call.module, call.saved, call.delta.detach())
+        done = example_sq_norms_and_dots([call.made[local]], grad, size, call.elements, chunk)
+        if done is not None:
+            into[call.names[local]] = done
+        call.finished += 1
+        if call.finished == len(call.names):
+            call.saved = call.delta = call.made = None
+            call.released = True
+
+    return hook
+
+
 def _numel(t: Any) -> int:
     return t.numel() if isinstance(t, torch.Tensor) else 0
 
@@ -186,13 +231,31 @@ def example_norms(
     check_int("chunk", chunk, 1, optional=True)
     values = loss.values
     live = {n: v.detach().requires_grad_(True) for n, v in values.items()}
-    capture = _Capture(live, size)
+    capture = _Capture(live, size, hook_outputs=True)
     with capture.hooks(loss), torch.enable_grad():
         out = loss(live, batch)
     aliases = [(c, local, t) for c in capture.calls for local, t in c.aliases.items()]
+    calls = capture.calls
+    # A parameter of one covered call is reduced to its norms inside the backward pass, as
+    # soon as its gradient is known (its output gradient δ came first): that layer's input
+    # and δ are then let go, as a plain backward pass lets go of its activations, instead
+    # of every layer's being held until the pass ends (the peak memory of an MLP).
+    uses = Counter(call.names[local] for call, local, _ in aliases)
+    early: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
     if out.requires_grad:
+        for call in calls:
+            pending = [local for local, name in call.names.items() if uses[name] == 1]
+            if len(pending) == len(call.names) and not (set(call.names.values()) & capture.bad):
+                for local in pending:
+                    hook = _early(call, local, size, chunk, early)
+                    handles.append(call.aliases[local].register_hook(hook))
         inputs = [*live.values(), *(t for _, _, t in aliases)]
-        grads = torch.autograd.grad(out, inputs, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(out, inputs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
     else:
         grads = (None,) * (len(live) + len(aliases))
     direct = dict(zip(live, grads[: len(live)], strict=True))
@@ -208,8 +271,8 @@ def example_norms(
         if g is None:  # the loss does not use the parameter
             gradient[n] = torch.zeros_like(values[n])
     for call in capture.calls:
-        if call.delta is None:
-            continue  # the output does not reach the loss: no contribution
+        if call.delta is None or call.released:
+            continue  # the output does not reach the loss (no contribution), or done early
         made = call.spec.terms(call.module, call.saved, call.delta.detach())
         for local, name in call.names.items():
             terms[name].append(made[local])
@@ -218,7 +281,10 @@ def example_norms(
     for n in live:
         done = None
         if direct[n] is None and n not in capture.bad:
-            done = example_sq_norms_and_dots(terms[n], gradient[n], size, budget[n], chunk)
+            if n in early:
+                done = early[n]
+            else:
+                done = example_sq_norms_and_dots(terms[n], gradient[n], size, budget[n], chunk)
         if done is None:
             fallback.append(n)
         else:

@@ -20,6 +20,15 @@ because their h_t are independent with mean zero. Each of K samples per batch gi
 such term t_k; the estimate is their mean, its standard error s/√K (s the sample standard
 deviation of the t_k). Unbiased, and a sum of squares: never negative.
 
+**One label set** (K = 1, per example): the terms x_i = ‖a_i,g‖² of the B examples are
+independent given the batch, so the standard error is that of their sum,
+√(B s_x²)/M (s_x² their sample variance). Since E[s_x²] = mean_i Var(x_i) + (spread of the
+examples' own traces E x_i), it never understates the label noise given the batch; it is
+the standard error of the estimate of the GGN trace over the data's distribution (examples
+drawn independently), calibrated there (``tests/sensitivity/test_ggn_stderr_calibration``).
+With K >= 2 it is the label noise given the batch, as above. Under BatchNorm in training
+mode one label set has one term per batch: no standard error (``nan``).
+
 **BatchNorm in training mode** (examples interact: z_i depends on every example, and
 per-example gradients are undefined). The batch function's own per-example contributions
 J_iᵀ h_i, J_i the Jacobian of z_i *through the whole batch*, still satisfy the identity
@@ -36,9 +45,17 @@ of an example (batched with ``vmap`` over examples), or of the whole batch under
 in training mode. Refused with :class:`GGNSizeError` above :data:`EXACT_MAX_COLUMNS`
 passes per batch.
 
-Cost: one forward pass and K (or C) backward passes, batched with ``vmap`` (over examples
-and over samples); the per-example gradients of a chunk of examples are reduced to squared
-norms per group at once (:mod:`layerwise.sensitivity.output_vjp`). The labels' noise is
+Cost: one forward pass and K (or C) backward passes. Where every measured parameter is
+used by covered layers alone, the squared norms are factorised over the layers' inputs and
+output gradients (:mod:`layerwise.sensitivity.cotangent_norms`: each backward pass asks for
+the layers' output gradients only, no parameter gradient), and with ``gradient=True``
+(:meth:`GGNEstimator.batch`, what :func:`~layerwise.sensitivity.estimate` asks when
+``grad_norm`` comes with ``ggn_trace`` and nothing else gives the gradient) the same
+forward pass also gives the mean loss's gradient, by one more backward pass: ``grad_norm``
+and ``ggn_trace`` at one label sample cost one forward and two backward passes. Elsewhere
+they are batched with ``vmap`` (over examples and over samples); the per-example gradients
+of a chunk of examples are reduced to squared norms per group at once
+(:mod:`layerwise.sensitivity.output_vjp`). The labels' noise is
 drawn from the estimator's generator (never the global RNG); dropout draws one mask per
 example, as per-example gradients do.
 Scaling: L is the mean loss, so traces are in loss units per squared parameter unit,
@@ -50,7 +67,7 @@ summed over the group, like ``hessian_trace``.
 >>> mse = MeanSquaredError(lambda m, b: m(b[0]), lambda b: b[1])
 >>> x = torch.tensor([[1.0, 2.0], [3.0, 0.0]], dtype=torch.float64)
 >>> est = GGNEstimator(mse, net, ["weight"], [0], 1, per_example=True)
->>> mean, stderr, _ = est.batch({"weight": net.weight.detach()}, (x, torch.zeros(2, 1)), 2,
+>>> mean, stderr, *_ = est.batch({"weight": net.weight.detach()}, (x, torch.zeros(2, 1)), 2,
 ...                             exact=True)
 >>> round(mean.item(), 10)  # G = (2/M) Σ_i x_i x_iᵀ, M = 2: tr = 1 + 4 + 9 + 0
 14.0
@@ -59,7 +76,7 @@ summed over the group, like ``hessian_trace``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -75,6 +92,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXACT_MAX_COLUMNS",
     "GGN_MODES",
+    "GGNBatch",
     "GGNEstimator",
     "GGNLossError",
     "GGNSizeError",
@@ -114,6 +132,16 @@ def _too_large(columns: int, where: str, shape: Sequence[int]) -> GGNSizeError:
         f'ggn="exact" needs one backward pass per output entry {where}: {columns} for outputs '
         f"of shape {tuple(shape)}, above the limit of {EXACT_MAX_COLUMNS}; use ggn='mc'"
     )
+
+
+class GGNBatch(NamedTuple):
+    """One batch's GGN trace per group, its standard error, the backward passes behind
+    it, and the mean loss's gradient when it came from the same forward pass."""
+
+    mean: torch.Tensor
+    stderr: torch.Tensor
+    passes: int
+    gradient: Params | None = None
 
 
 class GGNEstimator:
@@ -172,13 +200,16 @@ class GGNEstimator:
         samples: int = 1,
         generator: torch.Generator | None = None,
         exact: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(tr(G_gg) per group, its standard error, backward passes) for one batch of
+        gradient: bool = False,
+    ) -> GGNBatch:
+        """tr(G_gg) per group, its standard error and the backward passes for one batch of
         ``size`` examples: the mean of ``samples`` sampled terms, or exact (stderr 0).
-        Attention runs on the math backend (:mod:`layerwise.sensitivity.attention`): the
-        products are batched with ``vmap``."""
+        With ``gradient``, the sampled per-example terms also give the mean loss's gradient
+        from their forward pass where they are factorised (``GGNBatch.gradient``, else
+        ``None``). Attention runs on the math backend
+        (:mod:`layerwise.sensitivity.attention`): the products are batched with ``vmap``."""
         with twice_differentiable_attention():
-            return self._batch(values, batch, size, samples, generator, exact)
+            return self._batch(values, batch, size, samples, generator, exact, gradient)
 
     def _batch(
         self,
@@ -188,26 +219,40 @@ class GGNEstimator:
         samples: int,
         generator: torch.Generator | None,
         exact: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        gradient: bool = False,
+    ) -> GGNBatch:
         targets = self._targets(batch, size)
         count = self.loss.normaliser(targets)
         if exact:
             sums, passes = self._exact(values, batch, size, targets)
-            return sums / count, torch.zeros_like(sums), passes
+            return GGNBatch(sums / count, torch.zeros_like(sums), passes)
         if generator is None:
             raise ValueError("generator is needed to sample labels (exact=False)")
         dtype = next(iter(values.values())).dtype
         noise = draw_noise(self.loss, targets, samples, generator, dtype, self.sampler)
-        terms = self._sampled(values, batch, size, targets, noise) / count  # (K, G)
+        sums, each, shared = self._sampled(values, batch, size, targets, noise, gradient)
+        terms = sums / count  # (K, G)
         mean = terms.mean(0)
-        if samples < 2:
-            return mean, torch.full_like(mean, float("nan")), samples
-        return mean, terms.std(0, correction=1) / samples**0.5, samples
+        if samples >= 2:
+            stderr = terms.std(0, correction=1) / samples**0.5
+        elif each is not None and size >= 2:  # one label set: the spread of the examples
+            stderr = each[0].std(0, correction=1) * size**0.5 / count
+        else:
+            stderr = torch.full_like(mean, float("nan"))
+        return GGNBatch(mean, stderr, samples, shared)
 
     def _sampled(
-        self, values: Params, batch: Any, size: int, targets: torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
-        """(K, G): Σ_i ‖a_i,g‖² per sample (per example), or ‖u_g‖² (batch function)."""
+        self,
+        values: Params,
+        batch: Any,
+        size: int,
+        targets: torch.Tensor,
+        noise: torch.Tensor,
+        gradient: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Params | None]:
+        """(K, G): Σ_i ‖a_i,g‖² per sample (per example), or ‖u_g‖² (batch function); the
+        (K, B, G) per-example terms (``None`` for the batch function); the loss gradient
+        when asked for and shared (:meth:`OutputVJP.factorised`)."""
         loss, sampler, samples = self.loss, self.sampler, noise.shape[0]
         if not self.per_example:
 
@@ -218,14 +263,29 @@ class GGNEstimator:
             def cotangents(out: torch.Tensor, a: int, b: int) -> torch.Tensor:
                 return sampled_cotangents(loss, out, targets, noise[a:b], sampler)
 
-            return self.vjps.batch_norms(values, batch, count, cotangents)
-        self._first(values, batch, size, targets)
+            return self.vjps.batch_norms(values, batch, count, cotangents), None, None
 
         def per_example(out: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> Any:
             return sampled_cotangents(loss, out, target.unsqueeze(0), eps.unsqueeze(1), sampler)
 
+        def check(out: torch.Tensor) -> None:
+            loss.check(out, targets)
+
+        def criterion(out: torch.Tensor) -> torch.Tensor:
+            return loss.criterion(out, targets)
+
+        def batched(out: torch.Tensor) -> torch.Tensor:  # every token at once, no vmap
+            return sampled_cotangents(loss, out, targets, noise, sampler)
+
         extra = [(targets, 0), (noise, 1)]
-        return self.vjps.example_norms(values, batch, size, samples, per_example, extra)
+        found = self.vjps.factorised(
+            values, batch, size, per_example, extra, check=check,
+            criterion=criterion if gradient else None, batched=batched,
+        )  # fmt: skip
+        if found is None:  # the outputs' shapes checked on one example first
+            self._first(values, batch, size, targets)
+            found = self.vjps.vmapped(values, batch, size, samples, per_example, extra)
+        return found.sums, found.per_example, found.gradient
 
     def _exact(
         self, values: Params, batch: Any, size: int, targets: torch.Tensor

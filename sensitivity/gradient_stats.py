@@ -81,7 +81,7 @@ class GradientSamples:
         """‖c‖² per parameter, stacked (one fused pass over the centre, computed once)."""
         if self._centre_sq is None:
             norms = torch._foreach_norm([self.centre[n] for n in self.names])
-            self._centre_sq = torch.stack([t.square() for t in norms])
+            self._centre_sq = torch.stack(norms).square()
         return self._centre_sq
 
     def _per_group(self, per_param: list[torch.Tensor]) -> torch.Tensor:

@@ -79,9 +79,11 @@ class EstimateOptions:
     * ``ggn`` -- how ``ggn_trace`` is measured: ``"mc"`` (labels sampled from the model's
       predictive distribution, unbiased, with a standard error) or ``"exact"`` (one backward
       pass per output entry, for small outputs); see :mod:`layerwise.sensitivity.ggn`.
-    * ``ggn_samples`` -- K >= 1 sampled label sets per batch for ``ggn="mc"`` (K >= 2 for a
-      standard error, which falls as 1/sqrt(K)); batched ``chunk_size`` at a time under
-      BatchNorm in training mode.
+    * ``ggn_samples`` -- K >= 1 sampled label sets per batch for ``ggn="mc"``; the standard
+      error falls as 1/sqrt(K) (with K = 1 it comes from the spread of the per-example
+      terms, and counts the spread of the examples' own traces too; under BatchNorm in
+      training mode K >= 2 is needed for one: :mod:`layerwise.sensitivity.ggn`); batched
+      ``chunk_size`` at a time under BatchNorm in training mode.
     * ``ggn_sampler`` -- how ``ggn="mc"`` draws labels: ``"importance"`` (weighted towards the
       classes that carry curvature, weighed back: the same expectation, far less variance on
       a confident classifier) or ``"predictive"`` (from the model's predictive distribution);

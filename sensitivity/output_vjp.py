@@ -34,6 +34,7 @@ tensor([[20.]])
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,13 +42,13 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from layerwise.sensitivity.batching import example_in_dims, flatten_batch, slice_batch
-from layerwise.sensitivity.cotangent_norms import cotangent_sq_norms
+from layerwise.sensitivity.cotangent_norms import cotangent_norms
 from layerwise.sensitivity.functional import FunctionalLoss
 
 if TYPE_CHECKING:
     from layerwise.sensitivity.structure import ModelStructure
 
-__all__ = ["OutputVJP"]
+__all__ = ["OutputNorms", "OutputVJP"]
 
 Params = dict[str, torch.Tensor]
 #: Per-example gradient entries held at once when ``example_chunk_size`` is None.
@@ -58,6 +59,17 @@ def _outputs_of(value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"forward(model, batch) must return a tensor, got {type(value).__name__}")
     return value
+
+
+@dataclass(frozen=True)
+class OutputNorms:
+    """Squared norms per group of one batch's per-example products: ``sums`` (C, G) over
+    the examples, ``per_example`` (C, B, G), and the ``gradient`` of a criterion when the
+    factorised pass gave it (:meth:`OutputVJP.factorised`)."""
+
+    sums: torch.Tensor
+    per_example: torch.Tensor
+    gradient: Params | None = None
 
 
 class OutputVJP:
@@ -138,11 +150,24 @@ class OutputVJP:
         """(C, G): Σ_i ‖(J_iᵀ c_k,i)_g‖² over the ``size`` examples for the ``count``
         cotangents ``cotangents(z_i, *extra_i)`` of each example's outputs z_i (shaped
         ``[count, *z_i.shape]``, z_i with a leading dimension of 1); ``extra`` holds tensors
-        with the examples along the given dimension, sliced per example."""
-        fast = self._factorised(values, batch, size, cotangents, extra)
-        if fast is not None:
-            self.method = "factorised"
-            return fast
+        with the examples along the given dimension, sliced per example. The sums of
+        :meth:`factorised` where it applies, else of :meth:`vmapped`."""
+        found = self.factorised(values, batch, size, cotangents, extra)
+        if found is None:
+            found = self.vmapped(values, batch, size, count, cotangents, extra)
+        return found.sums
+
+    def vmapped(
+        self,
+        values: Params,
+        batch: Any,
+        size: int,
+        count: int,
+        cotangents: Callable[..., torch.Tensor],
+        extra: Sequence[tuple[torch.Tensor, int]] = (),
+    ) -> OutputNorms:
+        """:meth:`example_norms` by ``vmap`` over the examples (any model whose examples do
+        not interact); ``method`` then reads ``"vmap"``."""
         self.method = "vmap"
         chunk = self.example_chunk_size or max(1, CHUNK_ELEMENTS // max(1, count * self.numel))
 
@@ -151,6 +176,7 @@ class OutputVJP:
             return self._group_sq(vmap(pull)(cotangents(out, *moving))[0])
 
         total = None
+        parts = []
         for a in range(0, size, chunk):
             b = min(a + chunk, size)
             part = slice_batch(batch, size, a, b)
@@ -166,31 +192,50 @@ class OutputVJP:
             in_dims = (None, *(d for _, d in extra), *dims)
             norms = vmap(call, in_dims=in_dims, randomness="different")(values, *pieces, *leaves)
             total = norms.sum(0) if total is None else total + norms.sum(0)
-        return total
+            parts.append(norms)
+        return OutputNorms(total, torch.cat(parts).movedim(0, 1))
 
-    def _factorised(
+    def factorised(
         self,
         values: Params,
         batch: Any,
         size: int,
         cotangents: Callable[..., torch.Tensor],
         extra: Sequence[tuple[torch.Tensor, int]],
-    ) -> torch.Tensor | None:
-        """(C, G) by :func:`cotangent_sq_norms`, or ``None`` where it does not apply: the
-        per-example cotangents are made for the whole batch at once by ``vmap``."""
+        *,
+        check: Callable[[torch.Tensor], Any] | None = None,
+        criterion: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        batched: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> OutputNorms | None:
+        """:meth:`example_norms` by :func:`cotangent_norms` (one forward pass, one backward
+        pass per cotangent), or ``None`` where it does not apply; ``method`` then reads
+        ``"factorised"``. The per-example cotangents are made for the whole batch at once
+        by ``vmap``, after ``check(z)`` of the whole batch's outputs, or by ``batched(z)``
+        when given (``[C, *z.shape]``, the same cotangents made for the whole batch at once,
+        without the per-example ``vmap``). ``criterion(z)``: a loss of the outputs whose
+        gradient the same forward pass also gives (:func:`cotangent_norms`)."""
 
         def one(z: torch.Tensor, *moving: torch.Tensor) -> torch.Tensor:
             return cotangents(z.unsqueeze(0), *moving).squeeze(1)  # (C, *z_i.shape[1:])
 
         def batch_cotangents(z: torch.Tensor) -> torch.Tensor:
+            if check is not None:
+                check(z)
+            if batched is not None:
+                return batched(z)
             in_dims = (0, *(d for _, d in extra))
             per = vmap(one, in_dims=in_dims)(z, *(t for t, _ in extra))  # (B, C, ...)
             return per.movedim(0, 1)
 
-        norms = cotangent_sq_norms(
-            self.function, values, batch, size, batch_cotangents, self.example_chunk_size
-        )
-        if norms is None:
+        found = cotangent_norms(
+            self.function, values, batch, size, batch_cotangents, self.example_chunk_size,
+            criterion,
+        )  # fmt: skip
+        if found is None:
             return None
-        stacked = torch.stack([norms[n] for n in self.function.values], -1)  # (C, params)
-        return stacked @ self.onehot.to(stacked.dtype)
+        self.method = "factorised"
+        names = list(self.function.values)
+        onehot = self.onehot.to(found.sums[names[0]].dtype)
+        stacked = torch.stack([found.sums[n] for n in names], -1)  # (C, params)
+        each = torch.stack([found.per_example[n] for n in names], -1)  # (C, B, params)
+        return OutputNorms(stacked @ onehot, each @ onehot, found.gradient)

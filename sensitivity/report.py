@@ -20,7 +20,8 @@ loss):
 ``ggn_trace``              tr(G_gg), trace of the diagonal block of the generalised
                            Gauss-Newton matrix G = Jᵀ H_out J (J the Jacobian of the
                            outputs, H_out the Hessian of the loss in the outputs; PSD)
-``ggn_trace_stderr``       standard error over the sampled labels (0 when exact)
+``ggn_trace_stderr``       standard error over the sampled labels (0 when exact; one label
+                           set: from the per-example spread, :mod:`~layerwise.sensitivity.ggn`)
 ``ggn_samples``            label samples behind the sampled ``ggn_trace`` (None if exact)
 ``ggn_curvature``          ggn_trace / n_g (derived)
 =========================  ===========================================================

@@ -144,7 +144,13 @@ class Run:
         gradient = self._traces(batch, size, rng) if self.plan.trace else None
         if self.ggn is not None:
             rng.replay()  # the dropout stream of the batch, as for the gradient
-            self._ggn(batch, size)
+            # the sampled terms' forward pass also gives the gradient, when nothing else does
+            share = plan.gradient and gradient is None
+            share = share and not (plan.noise and self.method == "per_example")
+            shared = self._ggn(batch, size, share)
+            if shared is not None:
+                gradient = shared
+                self.loss.reached = True  # the mean loss of this batch reached the parameters
         if self.plan.gradient:
             norms = None
             if self.plan.noise and self.method == "per_example":  # one pass: c and norms
@@ -228,12 +234,21 @@ class Run:
             gradient.update(product.gradient or {})
         return gradient
 
-    def _ggn(self, batch: Any, size: int) -> None:
+    def _ggn(self, batch: Any, size: int, gradient: bool = False) -> Params | None:
+        """Add the batch's GGN traces; the mean loss's gradient when ``gradient`` and the
+        sampled terms' forward pass gave it (:meth:`~layerwise.sensitivity.ggn.GGNEstimator.
+        batch`), else ``None``."""
         exact, samples = self.plan.ggn == "exact", self.plan.ggn_samples
         state = self.gen.get_state()
         try:
-            mean, stderr, passes = self.ggn.batch(
-                self.loss.values, batch, size, samples=samples, generator=self.gen, exact=exact
+            mean, stderr, passes, shared = self.ggn.batch(
+                self.loss.values,
+                batch,
+                size,
+                samples=samples,
+                generator=self.gen,
+                exact=exact,
+                gradient=gradient,
             )
         except Exception as exc:
             cause = vmap_cause(exc)
@@ -244,7 +259,7 @@ class Run:
             self.ggn_fallback = f"per-example products (vmap) fail: {cause}; batch function used"
             warn_once(self.loss.model, f"ggn: {cause}", f"ggn_trace: {self.ggn_fallback}", 4)
             self.gen.set_state(state)  # the same label noise as the failed attempt drew
-            mean, stderr, passes = self.ggn.batch(
+            mean, stderr, passes, shared = self.ggn.batch(
                 self.loss.values, batch, size, samples=samples, generator=self.gen, exact=exact
             )
         self.ggn_sum += size * mean
@@ -252,6 +267,7 @@ class Run:
         self.ggn_count += 0 if exact else samples
         self.ggn_passes += passes
         self._tick(self.ggn_steps)
+        return shared
 
     def _noise(
         self, batch: Any, size: int, gradient: Params, norms: ExampleNorms | None
@@ -273,9 +289,9 @@ class Run:
         twice_differentiable_attention`: Hessian products, the GGN, ``vmap`` gradients."""
         return self.plan.trace or self.ggn is not None or bool(self.vmapped)
 
-    def _per_group(self, per_param: list[torch.Tensor]) -> torch.Tensor:
-        stacked = torch.stack(per_param).to(self.device)
-        return self.zeros.clone().index_add_(0, self.group_ids, stacked)
+    def _per_group(self, stacked: torch.Tensor) -> torch.Tensor:
+        """(params,) -> (G,): the sum over each group's parameters."""
+        return self.zeros.clone().index_add_(0, self.group_ids, stacked.to(self.device))
 
     def report(self, wanted: tuple[str, ...]) -> SensitivityReport:
         plan, index, n = self.plan, self.plan.index, self.examples
@@ -349,6 +365,6 @@ class Run:
         return SensitivityReport(tuple(groups), cost, settings)
 
 
-def _squares(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """‖t‖² of each tensor, in one fused pass."""
-    return [t.square() for t in torch._foreach_norm(tensors)]
+def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """‖t‖² of each tensor, stacked, in one fused pass (and one squaring)."""
+    return torch.stack(torch._foreach_norm(tensors)).square()
