@@ -10,14 +10,14 @@ accurate per group than a Hutchinson Hessian trace (issue 12), and cheaper. A pl
 callable gives no GGN, so it keeps ``hessian_trace``; ``curvature_hessian`` reads the Hessian
 trace whatever the loss.
 
-Label samples: :data:`DEFAULT_GGN_SAMPLES` = 2 sampled label sets per recalibration for
-``ggn_trace``, the fewest that give the trace a standard error (with one the report's
-standard error is NaN, and the controller's confidence gate would hold every group). On
-``python -m layerwise.experiments.benchmarks.engine`` a recalibration then costs about
-3.2-3.6 forward+backward units on the small CNN and 5.2 on the MLP (one sample: 2.5 and
-4.3-4.4; four: 5.1-5.3 and 6.4-6.6), against 7.2-7.5 and 12.3-12.6 for the Hessian trace at
-4 probes; 1.1 and 1.8-1.9 of those units are the gradient norm's own forward+backward, the
-floor of any recalibration.
+Label samples: :data:`DEFAULT_GGN_SAMPLES` = 1 sampled label set per recalibration for
+``ggn_trace``. One is enough: its standard error comes from the spread of the per-example
+terms (√B·s/M, calibrated over seeds in the estimator's tests), and ``grad_norm`` shares the
+GGN's forward pass, so a recalibration is one forward pass and two backward passes. More
+samples lower the label noise, not the batch's sampling noise, which the controller's
+smoothing pools across recalibrations anyway. Measured by
+``python -m layerwise.experiments.benchmarks.engine`` (see its output and the README for
+the figures): one sample against two, and against 4 Hutchinson probes of the Hessian trace.
 
 Probes: :data:`DEFAULT_PROBES` = 4 Hutchinson probes per recalibration (the Hessian path).
 With the default interval (100 steps) a recalibration then costs about 7% of training time
@@ -47,8 +47,8 @@ __all__ = [
 #: (see the module docstring for why 4).
 DEFAULT_PROBES = 4
 #: Sampled label sets per recalibration for ``ggn_trace`` (``ggn="mc"``) unless
-#: ``estimator={"ggn_samples": ...}`` says otherwise (see the module docstring for why 2).
-DEFAULT_GGN_SAMPLES = 2
+#: ``estimator={"ggn_samples": ...}`` says otherwise (see the module docstring for why 1).
+DEFAULT_GGN_SAMPLES = 1
 #: Arguments of :func:`layerwise.sensitivity.estimate` that the engine sets itself.
 OWNED = ("groups", "generator", "seed")
 #: Runtime arguments of :func:`layerwise.sensitivity.estimate` (callables, not settings) that

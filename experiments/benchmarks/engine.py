@@ -334,7 +334,7 @@ def training_ratio(task: Task, loss: Any = LOSS, repeats: int = 5) -> TrainingRu
 SETTINGS: dict[str, tuple[Any, Any]] = {
     "default, loss object": (LOSS, None),
     "default, callable": (loss_fn, None),
-    "ggn_samples=1": (LOSS, {"ggn_samples": 1}),
+    "ggn_samples=2": (LOSS, {"ggn_samples": 2}),
     "ggn_samples=4": (LOSS, {"ggn_samples": 4}),
     "callable, probes=2": (loss_fn, {"probes": 2}),
     "grad_norm only": (loss_fn, {"quantities": ["grad_norm"]}),
