@@ -78,10 +78,10 @@ from typing import Any
 import torch
 from torch.func import grad, jvp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from layerwise.sensitivity.attention import twice_differentiable_attention
+from layerwise.sensitivity.batching import flatten_batch
 from layerwise.sensitivity.errors import explain, is_double_backward_error
 from layerwise.sensitivity.functional import RngReplay
 
@@ -158,7 +158,7 @@ _SIGNATURES = 64
 
 
 def _signature(values: Params, batch: Any) -> tuple[Any, ...]:
-    leaves = tree_flatten(batch)[0]
+    leaves = flatten_batch(batch)[0]  # dicts, BatchEncoding, dataclasses: their tensors
     return (
         tuple((n, tuple(v.shape), v.dtype) for n, v in values.items()),
         tuple(

@@ -187,3 +187,24 @@ def test_a_backward_pass_vmap_cannot_batch_falls_back_to_one_pass_per_probe():
     assert torch.equal(product(probes)["w"], 2 * torch.eye(3, dtype=torch.float64))
     assert product.batched is False  # and stays so for the next chunks
     assert torch.equal(product.quadratic_forms(probes), torch.full((3, 1), 2.0).double())
+
+
+def test_the_flop_cache_tells_batches_apart_by_their_tensors_shapes():
+    """The FLOP count is cached per batch signature: the shapes of the batch's tensors, found
+    in dataclasses and mappings too (a Hugging Face BatchEncoding is one), so another
+    sequence length is counted afresh."""
+    import dataclasses
+
+    from layerwise.sensitivity.hvp import _signature
+
+    @dataclasses.dataclass
+    class Inputs:
+        ids: torch.Tensor
+
+    class Encoding(dict):
+        pass
+
+    for wrap in (Inputs, lambda t: Encoding(ids=t), lambda t: {"x": [t]}):
+        short, long = wrap(torch.zeros(2, 5)), wrap(torch.zeros(2, 7))
+        assert _signature({}, short) != _signature({}, long)
+        assert _signature({}, short) == _signature({}, wrap(torch.ones(2, 5)))
