@@ -36,7 +36,12 @@ from layerwise.engine.multipliers import MULTIPLIER_KEY, apply_multipliers, rest
 from layerwise.engine.nonfinite import NonFiniteGradientError
 from layerwise.engine.normalized import NormalizedGradients
 from layerwise.engine.optimizer import LayerwiseOptimizer
-from layerwise.engine.options import DEFAULT_GGN_SAMPLES, DEFAULT_PROBES, required_quantities
+from layerwise.engine.options import (
+    DEFAULT_GGN_SAMPLES,
+    DEFAULT_GGN_SAMPLES_BATCH_STATISTICS,
+    DEFAULT_PROBES,
+    required_quantities,
+)
 from layerwise.engine.preflight import PreflightError
 from layerwise.engine.recalibration import Recalibration
 from layerwise.engine.sam import SAM
@@ -44,6 +49,7 @@ from layerwise.engine.wrapping import OptimizerWrapper
 
 __all__: list[str] = [
     "DEFAULT_GGN_SAMPLES",
+    "DEFAULT_GGN_SAMPLES_BATCH_STATISTICS",
     "DEFAULT_PROBES",
     "HISTORY_COLUMNS",
     "MULTIPLIER_KEY",

@@ -35,6 +35,7 @@ from layerwise.sensitivity import KNOWN_QUANTITIES, QUANTITIES, EstimateOptions,
 
 __all__ = [
     "DEFAULT_GGN_SAMPLES",
+    "DEFAULT_GGN_SAMPLES_BATCH_STATISTICS",
     "DEFAULT_PROBES",
     "EstimatorSetup",
     "estimator_options",
@@ -49,6 +50,10 @@ DEFAULT_PROBES = 4
 #: Sampled label sets per recalibration for ``ggn_trace`` (``ggn="mc"``) unless
 #: ``estimator={"ggn_samples": ...}`` says otherwise (see the module docstring for why 1).
 DEFAULT_GGN_SAMPLES = 1
+#: The same where the sampled terms are not per example (BatchNorm in training mode, or the
+#: estimator fell back to the batch function): one label set gives no standard error there
+#: (it would be NaN, and the controller's confidence gate would hold every group), two do.
+DEFAULT_GGN_SAMPLES_BATCH_STATISTICS = 2
 #: Arguments of :func:`layerwise.sensitivity.estimate` that the engine sets itself.
 OWNED = ("groups", "generator", "seed")
 #: Runtime arguments of :func:`layerwise.sensitivity.estimate` (callables, not settings) that
@@ -57,10 +62,14 @@ RUNTIME = ("batch_size", "progress")
 
 
 class EstimatorSetup(NamedTuple):
-    """The settings of every recalibration's estimate, and its runtime keyword arguments."""
+    """The settings of every recalibration's estimate, and its runtime keyword arguments;
+    ``ggn_samples_default``: the user left ``ggn_samples`` to the engine, which then raises it
+    to :data:`DEFAULT_GGN_SAMPLES_BATCH_STATISTICS` where one label set gives no standard
+    error (:func:`ggn_samples_for`)."""
 
     options: EstimateOptions
     runtime: dict[str, Any]
+    ggn_samples_default: bool = False
 
 
 def required_quantities(controller: Any, loss_fn: Any = None) -> tuple[str, ...]:
@@ -146,7 +155,20 @@ def estimator_options(estimator: Any, controller: Any, loss_fn: Any = None) -> E
         "quantities": required_quantities(controller, loss_fn),
     }
     settings = {k: v for k, v in estimator.items() if k not in RUNTIME}
-    return EstimatorSetup(EstimateOptions.from_dict({**defaults, **settings}), runtime)
+    options = EstimateOptions.from_dict({**defaults, **settings})
+    return EstimatorSetup(options, runtime, "ggn_samples" not in settings)
+
+
+def ggn_samples_for(options: EstimateOptions, per_example: bool) -> EstimateOptions:
+    """``options`` with the engine's default label samples for a model whose sampled GGN
+    terms are (``per_example``) or are not per example: :data:`DEFAULT_GGN_SAMPLES` where
+    the spread of the per-example terms gives the standard error, else
+    :data:`DEFAULT_GGN_SAMPLES_BATCH_STATISTICS`. Call it only for a default
+    (``EstimatorSetup.ggn_samples_default``); an explicit ``ggn_samples`` is the user's."""
+    wanted = DEFAULT_GGN_SAMPLES if per_example else DEFAULT_GGN_SAMPLES_BATCH_STATISTICS
+    if "ggn_trace" not in options.quantities or options.ggn_samples == wanted:
+        return options
+    return options.replace(ggn_samples=wanted)
 
 
 def samples_behind(report: Any, size: int, options: EstimateOptions) -> int:

@@ -30,9 +30,15 @@ from torch import nn
 
 from layerwise.engine.multipliers import MULTIPLIER_KEY, check_multiplier, effective_lr
 from layerwise.engine.naming import parameter_mapping, unwrap_model
-from layerwise.engine.options import estimator_options, make_controller, samples_behind
+from layerwise.engine.options import (
+    estimator_options,
+    ggn_samples_for,
+    make_controller,
+    samples_behind,
+)
 from layerwise.engine.preflight import check_model, dry_run
 from layerwise.policies.schedule_base import check_int
+from layerwise.sensitivity.functional import uses_batch_statistics
 from layerwise.sensitivity.ggn import output_loss
 
 __all__ = ["Recalibration", "Recalibrator", "skip_rows"]
@@ -90,7 +96,10 @@ class Recalibrator:
         self.module = unwrap_model(model)
         self.mapping = parameter_mapping(model, optimizer.param_groups)
         check_model(self.module)  # what can be refused without a batch
-        self.options, self.runtime = estimator_options(estimator, self.controller, loss_fn)
+        self.options, self.runtime, self._ggn_default = estimator_options(
+            estimator, self.controller, loss_fn
+        )
+        self._ggn_per_example = True  # until the estimator falls back to the batch function
         self.variance_fallback: str | None = None
         if "ggn_trace" in self.options.quantities:  # refused now, not at the first recalibration
             output_loss(loss_fn)
@@ -107,18 +116,31 @@ class Recalibrator:
         """The first batch's dry run (:mod:`layerwise.engine.preflight`); what the estimator
         chose by itself there, the recalibrations use from the start."""
         report = dry_run(
-            self.module, self.loss_fn, batch, self.mapping, self.options, self.runtime,
+            self.module, self.loss_fn, batch, self.mapping, self._options(), self.runtime,
             step, first,
         )  # fmt: skip
         self._adopt(report)
 
+    def _options(self) -> Any:
+        """The options of this recalibration: the engine's default label samples follow the
+        model (:func:`layerwise.engine.options.ggn_samples_for`): two where the sampled GGN
+        terms are not per example (BatchNorm in training mode now, or an earlier fallback
+        to the batch function), one elsewhere."""
+        if not self._ggn_default:
+            return self.options
+        per_example = self._ggn_per_example and not uses_batch_statistics(self.module)
+        return ggn_samples_for(self.options, per_example)
+
     def _adopt(self, report: Any) -> None:
         """Keep micro-batch statistics once ``variance="auto"`` fell back to them (the
-        per-example attempt would fail again at every recalibration)."""
+        per-example attempt would fail again at every recalibration), and the batch
+        function's label-sample count once the GGN fell back to it."""
         why = report.settings.get("variance_fallback")
         if why and self.options.variance == "auto":
             self.options = self.options.replace(variance="micro_batch")
             self.variance_fallback = why
+        if report.settings.get("ggn_fallback"):
+            self._ggn_per_example = False
 
     # -- the recalibration ------------------------------------------------------------------
     def run(self, batch: Any, step: int, found_inf: torch.Tensor | None) -> Recalibration:
@@ -144,7 +166,7 @@ class Recalibrator:
     def _estimate(self, batch: Any, ddp: Any) -> Any:
         from layerwise.sensitivity import estimate
 
-        options = self.options
+        options = self._options()
         distributed = ddp.is_distributed()
         two_batch = distributed and options.variance == "two_batch"
         wants_variance = "grad_variance" in options.quantities

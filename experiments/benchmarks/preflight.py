@@ -43,7 +43,7 @@ def preflight_cost(name: str, rule: str, batch_size: int, repeats: int) -> dict[
     model, make_inputs = MODELS[name]()
     batch = (make_inputs(batch_size), torch.randint(0, 10, (batch_size,)))
     loss = CROSS_ENTROPY if rule == "curvature_ggn" else cross_entropy
-    options, runtime = estimator_options(None, SensitivityController(rule))
+    options, runtime, _ = estimator_options(None, SensitivityController(rule))
     groups = default_groups(model)
 
     def recalibration() -> None:

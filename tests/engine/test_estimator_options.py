@@ -171,3 +171,46 @@ def test_a_rule_reading_the_ggn_trace_gets_it_and_a_plain_loss_is_refused_at_onc
             torch.optim.SGD(named_groups(net), lr=0.1), model=net, loss_fn=plain_loss_fn,
             controller="curvature_ggn", recalibrate_every=10**6,
         )  # fmt: skip
+
+
+def _bn_reports(estimator=None, train: bool = True) -> list:
+    """Two recalibrations of the default controller on an MLP with BatchNorm (in training
+    mode unless ``train`` is False), through a loss object."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 10), torch.nn.BatchNorm1d(10), torch.nn.Tanh(), torch.nn.Linear(10, 3)
+    )
+    net.train(train)
+    groups = [{"params": list(m.parameters()), "name": f"g{i}"} for i, m in enumerate(net)
+              if list(m.parameters())]  # fmt: skip
+    seen = []
+    opt = LayerwiseOptimizer(
+        torch.optim.SGD(groups, lr=0.1), model=net, loss_fn=loss_fn, controller="curvature",
+        recalibrate_every=1, estimator=estimator,
+        callback=lambda record: record.report is not None and seen.append(record),
+    )  # fmt: skip
+    for batch in data(2):
+        opt.zero_grad()
+        loss_fn(net, batch).backward()
+        opt.step(batch)
+    return seen
+
+
+def test_the_default_label_samples_follow_the_model():
+    """One label set where the per-example spread gives ggn_trace its standard error; two
+    under BatchNorm in training mode, where one would leave it NaN and the controller's
+    confidence gate would hold every group; an explicit ggn_samples is the user's."""
+    from layerwise.engine import DEFAULT_GGN_SAMPLES_BATCH_STATISTICS
+
+    assert DEFAULT_GGN_SAMPLES == 1 and DEFAULT_GGN_SAMPLES_BATCH_STATISTICS == 2
+    for record in _bn_reports():
+        assert {e.ggn_samples for e in record.report} == {2}
+        assert all(math.isfinite(e.ggn_trace_stderr) for e in record.report)
+        assert not any("stderr of ggn_curvature inf" in row["reason"] for row in record.rows)
+        assert any(row["reason"].startswith("curvature: ggn_curvature") for row in record.rows)
+    for record in _bn_reports(train=False):  # running statistics: per example again
+        assert {e.ggn_samples for e in record.report} == {1}
+        assert all(math.isfinite(e.ggn_trace_stderr) for e in record.report)
+    for record in _bn_reports({"ggn_samples": 1}):
+        assert {e.ggn_samples for e in record.report} == {1}
+        assert all(math.isnan(e.ggn_trace_stderr) for e in record.report)
