@@ -18,6 +18,10 @@ samples lower the label noise, not the batch's sampling noise, which the control
 smoothing pools across recalibrations anyway. Measured by
 ``python -m layerwise.experiments.benchmarks.engine`` (see its output and the README for
 the figures): one sample against two, and against 4 Hutchinson probes of the Hessian trace.
+Where the sampled terms are not per example (BatchNorm in training mode, or after the
+estimator fell back to the batch function) one label set gives no standard error, so the
+default there is :data:`DEFAULT_GGN_SAMPLES_BATCH_STATISTICS` = 2 (decided at each
+recalibration, :func:`ggn_samples_for`); an explicit ``ggn_samples`` is always kept.
 
 Probes: :data:`DEFAULT_PROBES` = 4 Hutchinson probes per recalibration (the Hessian path).
 With the default interval (100 steps) a recalibration then costs about 7% of training time
