@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.parameter import is_lazy
 
+from layerwise.sensitivity.functional import SlotPath, slot_paths
 from layerwise.sensitivity.groups import GroupIndex, resolve_groups
 
 __all__ = ["ModelStructure", "model_structure"]
@@ -112,6 +113,8 @@ class ModelStructure:
             name for name, t in named if not is_lazy(t) and t.is_meta
         )
         self._groups: dict[Hashable, GroupIndex] = {}
+        #: :func:`~layerwise.sensitivity.functional.slot_paths`: where each tensor sits
+        self.slot_paths: dict[str, tuple[SlotPath, ...]] = slot_paths(model)
 
     def alive(self) -> bool:
         """Whether every fingerprinted submodule still lives (else an identity in the key may
