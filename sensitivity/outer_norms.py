@@ -128,13 +128,16 @@ def linear_sq_norms_and_dots(
     size: int,
     budget: int | None = None,
     chunk: int | None = None,
+    dots: bool = True,
+    memo: dict[Any, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`example_sq_norms_and_dots` of the ``local`` parameter ("weight" or "bias") of one
     ``Linear`` call without positions (input x (B, C), output gradient δ (B, R)), taken in
     one chunk: ‖g_i‖² = ‖δ_i‖²‖x_i‖², g_i·C = δ_iᵀ C x_i (weight), ‖δ_i‖², δ_i·c (bias).
     The very same operations on the same memory as the general path (the Gram form with
-    T = 1 on views of x and δ), without building its terms; ``None`` where that path
-    would differ (positions, non-contiguous tensors, several chunks): use it then."""
+    T = 1 on views of x and δ; ``dots`` and ``memo`` as there), without building its terms;
+    ``None`` where that path would differ (positions, non-contiguous tensors, several
+    chunks): use it then."""
     if x.dim() != 2 or delta.dim() != 2 or x.shape[0] != size or delta.shape[0] != size:
         return None
     if not (x.is_contiguous() and delta.is_contiguous() and centre.is_contiguous()):
@@ -144,14 +147,15 @@ def linear_sq_norms_and_dots(
     if local == "bias":
         if centre.shape != delta.shape[1:]:
             return None
-        return delta.square().sum(1), delta @ centre
+        sq = delta.square().sum(1)
+        return sq, delta @ centre if dots else torch.zeros_like(sq)
     rows, cols = delta.shape[1], x.shape[1]
     if local != "weight" or centre.shape != (rows, cols):
         return None
     if max(budget or 0, MIN_BUDGET) // max(1, rows + cols) < size:  # chunked there
         return None
-    sq = torch.linalg.vecdot(delta, delta) * torch.linalg.vecdot(x, x)
-    return sq, torch.linalg.vecdot(delta @ centre, x)
+    sq = torch.linalg.vecdot(delta, delta) * _input_sq(x, memo, (0, size))
+    return sq, torch.linalg.vecdot(delta @ centre, x) if dots else torch.zeros_like(sq)
 
 
 def _gram_is_cheaper(dense: int, index: int, rows: int, cols: int, dots: bool = True) -> bool:

@@ -204,6 +204,16 @@ def test_the_linear_shortcut_gives_the_very_same_numbers_as_the_terms(dtype, siz
         slow = outer_norms.example_sq_norms_and_dots([terms[local]], centre, size)
         assert fast is not None and slow is not None
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+        memo: dict = {}  # without dots, the inputs' norms kept (as the GGN's cotangents do)
+        for _ in range(2):
+            fast = outer_norms.linear_sq_norms_and_dots(
+                x, delta, local, centre, size, dots=False, memo=memo
+            )
+            slow = outer_norms.example_sq_norms_and_dots(
+                [terms[local]], centre, size, dots=False, memo={}
+            )
+            assert fast is not None and torch.equal(fast[0], slow[0])
+            assert torch.equal(fast[1], slow[1]) and not fast[1].any()
     centre = torch.randn(rows, cols, generator=gen, dtype=dtype)
     seq = torch.randn(size, 2, cols, dtype=dtype)
     assert outer_norms.linear_sq_norms_and_dots(seq, delta, "weight", centre, size) is None
