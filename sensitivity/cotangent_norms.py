@@ -41,7 +41,8 @@ import torch
 
 from layerwise.sensitivity.factorised import _Capture
 from layerwise.sensitivity.functional import FunctionalLoss
-from layerwise.sensitivity.outer_norms import example_sq_norms_and_dots
+from layerwise.sensitivity.layer_terms import LINEAR
+from layerwise.sensitivity.outer_norms import example_sq_norms_and_dots, linear_sq_norms_and_dots
 from layerwise.sensitivity.validation import check_int
 
 __all__ = ["CotangentNorms", "cotangent_norms"]
@@ -125,19 +126,28 @@ def cotangent_norms(
             return None
         for call, delta in zip(calls, grads[len(live) :], strict=True):
             call.delta = delta
-        terms: dict[str, list[Any]] = {n: [] for n in live}
+        reaching: dict[str, list[tuple[Any, str]]] = {n: [] for n in live}
         budget = dict.fromkeys(live, 0)
         for call in calls:
             if call.delta is None:
                 continue
-            made = call.spec.terms(call.module, call.saved, call.delta.detach())
+            call.made = None
             for local, name in call.names.items():
-                terms[name].append(made[local])
+                reaching[name].append((call, local))
                 budget[name] += call.elements
         for n, v in live.items():
-            done = example_sq_norms_and_dots(
-                terms[n], v, size, budget[n], chunk, dots=False, memo=memos[n]
-            )
+            done = None
+            if len(reaching[n]) == 1 and reaching[n][0][0].spec is LINEAR:  # no terms needed
+                call, local = reaching[n][0]
+                done = linear_sq_norms_and_dots(
+                    call.saved, call.delta.detach(), local, v, size, budget[n], chunk,
+                    dots=False, memo=memos[n],
+                )  # fmt: skip
+            if done is None:
+                done = example_sq_norms_and_dots(
+                    [_terms(call)[local] for call, local in reaching[n]], v, size, budget[n],
+                    chunk, dots=False, memo=memos[n],
+                )  # fmt: skip
             if done is None:
                 return None
             terms_of[n].append(done[0])
@@ -147,6 +157,13 @@ def cotangent_norms(
         {n: torch.stack(t) for n, t in terms_of.items()},
         gradient,
     )
+
+
+def _terms(call: Any) -> dict[str, Any]:
+    """The terms of a covered call for its current output gradient, made once."""
+    if call.made is None:
+        call.made = call.spec.terms(call.module, call.saved, call.delta.detach())
+    return call.made
 
 
 def _shared_gradient(loss: torch.Tensor, live: Params, calls: list[Any]) -> Params | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -189,9 +189,7 @@ def estimate(
         model=model, loss_fn=loss_fn, generator=generator, progress=progress,
         batch_size=batch_size,
     )  # fmt: skip
-    if options is None:
-        options = EstimateOptions()
-    elif not isinstance(options, EstimateOptions):
+    if options is not None and not isinstance(options, EstimateOptions):
         raise TypeError(f"options must be an EstimateOptions or None, got {options!r}")
     unknown = sorted(set(settings) - set(EstimateOptions.names()))
     if unknown:
@@ -200,8 +198,7 @@ def estimate(
             f"{sorted(EstimateOptions.names())}, the other keywords groups, options, "
             "generator, progress, batch_size"
         )
-    if settings:
-        options = options.replace(**settings)
+    options = _resolve_options(options, settings)
     wanted = options.quantities
     target = output_loss(loss_fn) if "ggn_trace" in wanted else None  # before any work
     structure = model_structure(model)  # one walk of the tree; the rest is cached
@@ -276,6 +273,47 @@ def estimate(
         recorded["loss"] = loss_fn.settings()
     cost = dataclasses.replace(report.cost, seconds=seconds)
     return SensitivityReport(report.groups, cost, recorded)
+
+
+#: Options validated lately, per (options, settings): equal inputs validate alike, so an
+#: engine asking again with the same settings is not validated again (at most this many kept).
+RESOLVED_KEPT = 32
+_RESOLVED: dict[Hashable, EstimateOptions] = {}
+_PLAIN = (str, int, float, bool, type(None), torch.dtype)
+
+
+def _resolve_options(options: EstimateOptions | None, settings: dict[str, Any]) -> EstimateOptions:
+    """``options`` (default ``EstimateOptions()``) with ``settings`` applied and validated
+    (:meth:`EstimateOptions.replace`), from :data:`_RESOLVED` when the same inputs were seen
+    (the key holds each value's type, so ``1`` and ``True`` are told apart; values of other
+    types are not cached)."""
+    try:
+        key: Hashable | None = (
+            type(options),
+            options,
+            tuple(sorted((k, _frozen(v)) for k, v in settings.items())),
+        )
+        found = _RESOLVED.get(key)  # hashing may fail: not cached then
+    except TypeError:
+        key = found = None
+    if found is not None:
+        return found
+    resolved = EstimateOptions() if options is None else options
+    if settings:
+        resolved = resolved.replace(**settings)
+    if key is not None:
+        if len(_RESOLVED) >= RESOLVED_KEPT:
+            _RESOLVED.pop(next(iter(_RESOLVED)))
+        _RESOLVED[key] = resolved
+    return resolved
+
+
+def _frozen(value: Any) -> Hashable:
+    if type(value) in (list, tuple):
+        return (type(value), tuple(_frozen(v) for v in value))
+    if type(value) not in _PLAIN:
+        raise TypeError("not cached")
+    return (type(value), value)
 
 
 def _check_generator(generator: torch.Generator | None, devices: list[torch.device]) -> None:

@@ -61,8 +61,8 @@ from torch.autograd.graph import get_gradient_edge
 
 from layerwise.sensitivity.batching import slice_batch
 from layerwise.sensitivity.functional import FunctionalLoss
-from layerwise.sensitivity.layer_terms import LayerSpec, spec_for
-from layerwise.sensitivity.outer_norms import example_sq_norms_and_dots
+from layerwise.sensitivity.layer_terms import LINEAR, LayerSpec, spec_for
+from layerwise.sensitivity.outer_norms import example_sq_norms_and_dots, linear_sq_norms_and_dots
 from layerwise.sensitivity.per_example import per_example_gradients
 from layerwise.sensitivity.validation import check_int
 
@@ -201,9 +201,15 @@ def _early(
     def hook(grad: torch.Tensor) -> None:
         if call.delta is None:
             return
-        if call.made is None:
-            call.made = call.spec.terms(call.module, call.saved, call.delta.detach())
-        done = example_sq_norms_and_dots([call.made[local]], grad, size, call.elements, chunk)
+        done = None
+        if call.spec is LINEAR and call.made is None:  # the common case, without the terms
+            done = linear_sq_norms_and_dots(
+                call.saved, call.delta.detach(), local, grad, size, call.elements, chunk
+            )
+        if done is None:
+            if call.made is None:
+                call.made = call.spec.terms(call.module, call.saved, call.delta.detach())
+            done = example_sq_norms_and_dots([call.made[local]], grad, size, call.elements, chunk)
         if done is not None:
             into[call.names[local]] = done
         call.finished += 1

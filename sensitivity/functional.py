@@ -2,10 +2,10 @@
 
 ``FunctionalLoss(model, loss_fn, params)(values, batch)`` evaluates
 ``loss_fn(model, batch)`` with the parameters named in ``params`` replaced by
-``values`` through :func:`torch.func.functional_call`; every other parameter is a detached
-constant and every buffer a detached copy, so nothing the estimators do can reach the
-model's own tensors and ``torch.func`` transforms (``grad``, ``jvp``, ``vjp``, ``vmap``)
-apply directly.
+``values`` (what :func:`torch.func.functional_call` does, see :func:`slot_paths`); every
+other parameter is a detached constant and every buffer a detached copy, so nothing the
+estimators do can reach the model's own tensors and ``torch.func`` transforms (``grad``,
+``jvp``, ``vjp``, ``vmap``) apply directly.
 
 Normalisation layers in training mode that track running statistics (BatchNorm,
 SyncBatchNorm, InstanceNorm with ``track_running_stats``) get ``None`` for their running
@@ -40,8 +40,13 @@ __all__ = [
     "RngReplay",
     "leaves_no_trace",
     "model_devices",
+    "slot_paths",
     "uses_batch_statistics",
 ]
+
+#: Where a tensor of the tree sits: (index in ``model.modules()``, ``"_parameters"`` or
+#: ``"_buffers"``, key).
+SlotPath = tuple[int, str, str]
 
 _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -73,6 +78,28 @@ def model_devices(model: nn.Module) -> list[torch.device]:
     for t in [*model.parameters(), *model.buffers()]:
         devices.setdefault(t.device, None)
     return list(devices) or [torch.device("cpu")]
+
+
+def slot_paths(model: nn.Module) -> dict[str, tuple[SlotPath, ...]]:
+    """For every parameter and buffer name (tied aliases and names through shared
+    submodules included), every slot that holds the same tensor, each once.
+
+    Substituting a value for a name means writing it into all of these slots and putting
+    the originals back afterwards: what :func:`torch.func.functional_call` does with
+    ``tie_weights=True`` (a value given for one name of a tied tensor replaces it under all
+    its names), without walking the tree on every call. The slots are a function of the
+    tree only (:class:`~layerwise.sensitivity.structure.ModelStructure` keeps them)."""
+    position = {id(m): i for i, m in enumerate(model.modules())}
+    names: dict[int, list[str]] = {}  # id(tensor) -> its names
+    slots: dict[int, dict[SlotPath, None]] = {}  # id(tensor) -> its slots, in order
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        for kind in ("_parameters", "_buffers"):
+            for key, t in getattr(m, kind).items():
+                if t is None:
+                    continue
+                names.setdefault(id(t), []).append(f"{prefix}.{key}" if prefix else key)
+                slots.setdefault(id(t), {})[(position[id(m)], kind, key)] = None
+    return {n: tuple(slots[i]) for i, ns in names.items() for n in ns}
 
 
 class FunctionalLoss:
@@ -141,13 +168,38 @@ class FunctionalLoss:
             else:
                 fixed["model." + name] = cast(b).clone()
         self._fixed = fixed
+        modules = structure.modules if structure is not None else list(model.modules())
+        paths = structure.slot_paths if structure is not None else slot_paths(model)
+        #: name -> the (dict, key) slots that hold its tensor (:func:`slot_paths`)
+        self._slots = {
+            n: tuple((getattr(modules[i], kind), key) for i, kind, key in p)
+            for n, p in paths.items()
+        }
+        self._fixed_items = [(n[len("model.") :], v) for n, v in fixed.items()]
         self.reached = False
 
     def evaluate(self, values: dict[str, torch.Tensor], batch: Any) -> Any:
         """What ``loss_fn(model, batch)`` returns with ``values`` substituted, unchecked (for a
-        ``loss_fn`` that returns the model's outputs, e.g. a loss object's ``forward``)."""
-        full = {"model." + n: v for n, v in values.items()}
-        return functional_call(self._module, (full, self._fixed), (batch,), strict=False)
+        ``loss_fn`` that returns the model's outputs, e.g. a loss object's ``forward``).
+
+        The values are written into the tree's slots (:func:`slot_paths`) and the originals
+        put back afterwards, also on error: the substitution of
+        :func:`torch.func.functional_call`, without its walks of the tree."""
+        slots = self._slots
+        if not all(n in slots for n in values):  # not a parameter of the tree: its rules
+            full = {"model." + n: v for n, v in values.items()}
+            return functional_call(self._module, (full, self._fixed), (batch,), strict=False)
+        swapped: list[tuple[dict[str, Any], str, Any]] = []
+        try:
+            for items in (values.items(), self._fixed_items):
+                for name, value in items:
+                    for where, key in slots[name]:
+                        swapped.append((where, key, where[key]))
+                        where[key] = value
+            return self._module(batch)
+        finally:
+            for where, key, original in reversed(swapped):
+                where[key] = original
 
     def __call__(self, values: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         loss = self.evaluate(values, batch)

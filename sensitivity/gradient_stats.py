@@ -71,8 +71,7 @@ class GradientSamples:
         first = centre[self.names[0]]
         self.index = torch.as_tensor(group_of, dtype=torch.long, device=first.device)
         self.num_groups = num_groups
-        zeros = first.new_zeros(num_groups)
-        self.sum_d, self.sum_d2, self.sum_wp2 = zeros.clone(), zeros.clone(), zeros.clone()
+        self.sum_d, self.sum_d2, self.sum_wp2 = first.new_zeros(3, num_groups).unbind(0)
         self.sum_diff: Params = {}  # Σ_j w_j (m_j − c) per parameter; absent: zero
         self.count, self.weight = 0, 0
         self._centre_sq: torch.Tensor | None = None
@@ -163,18 +162,22 @@ class GradientSamples:
             dot_delta = self._per_group(
                 [(delta[n] * self.centre[n]).sum() if n in delta else zero for n in self.names]
             )
-        else:  # the samples average to the centre exactly
-            sq_delta = dot_delta = torch.zeros_like(sq_centre)
+        else:  # the samples average to the centre exactly: m̄ − c = 0, no correction terms
+            sq_delta = dot_delta = None  # (x − w·0 is x, bit for bit: the terms are skipped)
         if method == "two_batch":
             from layerwise.sensitivity.two_batch import two_batch_noise
 
-            small = self.sum_d / w + 2 * dot_delta + sq_centre  # Σ w_j ‖m_j‖² / W
+            zero = torch.zeros_like(sq_centre) if dot_delta is None else dot_delta
+            small = self.sum_d / w + 2 * zero + sq_centre  # Σ w_j ‖m_j‖² / W
             trace = two_batch_noise(small, sq_centre, w / m, w).trace_sigma
+        elif sq_delta is None:
+            trace = self.sum_d / (m - 1)
         else:
             trace = (self.sum_d - w * sq_delta) / (m - 1)
         var_d = (self.sum_d2 - self.sum_d.square() / m).clamp_min(0) / (m - 1)
         trace_var = (m / (m - 1)) ** 2 * var_d / m
-        projected = (self.sum_wp2 - w * dot_delta.square()).clamp_min(0) / (m - 1)
+        projected = self.sum_wp2 if dot_delta is None else self.sum_wp2 - w * dot_delta.square()
+        projected = projected.clamp_min(0) / (m - 1)
         projected = torch.where(projected == 0, projected, projected / sq_centre)
         return BatchGradStats(w, m, trace, trace_var, projected, sq_centre)
 

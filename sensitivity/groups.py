@@ -22,7 +22,8 @@ Conventions (decided here, relied upon everywhere else):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,13 +48,32 @@ class GroupIndex:
     params: tuple[str, ...]
     param_group: tuple[int, ...]
     sizes: tuple[int, ...]
+    #: tensors made from the fields, per (what, dtype, device): made once, read only
+    _tensors: dict[Any, torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __len__(self) -> int:
         return len(self.names)
 
     def group_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """``param_group`` as a long tensor, for ``index_add`` reductions per group."""
-        return torch.tensor(self.param_group, dtype=torch.long, device=device)
+        """``param_group`` as a long tensor, for ``index_add`` reductions per group (made once
+        per device and shared: do not modify it)."""
+        return self._tensor("group_ids", self.param_group, torch.long, device)
+
+    def size_tensor(self, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+        """``sizes`` as a tensor of ``dtype`` (made once per dtype and device, shared: do not
+        modify it)."""
+        return self._tensor("sizes", self.sizes, dtype, device)
+
+    def _tensor(self, what: str, values: tuple[int, ...], dtype: torch.dtype, device: Any) -> Any:
+        if device is None:  # the default device may change: not cached
+            return torch.tensor(values, dtype=dtype)
+        key = (what, dtype, torch.device(device))
+        found = self._tensors.get(key)
+        if found is None:
+            found = self._tensors[key] = torch.tensor(values, dtype=dtype, device=device)
+        return found
 
     def mapping(self) -> dict[str, list[str]]:
         return {n: list(m) for n, m in zip(self.names, self.members, strict=True)}

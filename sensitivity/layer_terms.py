@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Direct", "Index", "LayerSpec", "Outer", "spec_for"]
+__all__ = ["LINEAR", "Direct", "Index", "LayerSpec", "Outer", "spec_for"]
 
 Maker = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -223,7 +223,9 @@ def _keep(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-_LINEAR = LayerSpec(_keep, _linear_terms)
+#: The handler of ``Linear`` (its per-example norms have a shortcut without positions:
+#: :func:`layerwise.sensitivity.outer_norms.linear_sq_norms_and_dots`).
+LINEAR = LayerSpec(_keep, _linear_terms)
 _CONV = LayerSpec(_conv_save, _conv_terms)
 _EMBEDDING = LayerSpec(_embedding_save, _embedding_terms)
 _LAYER_NORM = LayerSpec(_layer_norm_save, _trailing)
@@ -245,7 +247,7 @@ def spec_for(module: nn.Module, x: Any, size: int) -> LayerSpec | None:
         return None
     floating = x.is_floating_point()
     if _stock(module, nn.Linear):
-        return _LINEAR if floating and x.dim() >= 2 else None
+        return LINEAR if floating and x.dim() >= 2 else None
     for base, dims in ((nn.Conv1d, 3), (nn.Conv2d, 4)):
         if _stock(module, base, "_conv_forward"):
             return _CONV if floating and x.dim() == dims else None

@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -144,7 +145,7 @@ class EstimateOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The field names, in order."""
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return _field_names(cls)
 
     def replace(self, **changes: Any) -> EstimateOptions:
         """A copy with ``changes`` applied and validated again; an unknown name is a
@@ -171,6 +172,11 @@ class EstimateOptions:
         if unknown:
             raise ValueError(f"unknown estimate option(s) {unknown}; known: {sorted(cls.names())}")
         return cls(**data)
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _check_dtype(dtype: Any) -> torch.dtype | None:

@@ -37,7 +37,7 @@ import torch
 
 from layerwise.sensitivity.layer_terms import Direct, Index, Outer
 
-__all__ = ["MIN_BUDGET", "example_sq_norms_and_dots"]
+__all__ = ["MIN_BUDGET", "example_sq_norms_and_dots", "linear_sq_norms_and_dots"]
 
 #: The smallest temporary budget (elements): tiny layers run in one chunk.
 MIN_BUDGET = 2**20
@@ -118,6 +118,44 @@ def example_sq_norms_and_dots(
         sq.append(part[0])
         dot.append(part[1])
     return (sq[0], dot[0]) if len(sq) == 1 else (torch.cat(sq), torch.cat(dot))
+
+
+def linear_sq_norms_and_dots(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    local: str,
+    centre: torch.Tensor,
+    size: int,
+    budget: int | None = None,
+    chunk: int | None = None,
+    dots: bool = True,
+    memo: dict[Any, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`example_sq_norms_and_dots` of the ``local`` parameter ("weight" or "bias") of one
+    ``Linear`` call without positions (input x (B, C), output gradient δ (B, R)), taken in
+    one chunk: ‖g_i‖² = ‖δ_i‖²‖x_i‖², g_i·C = δ_iᵀ C x_i (weight), ‖δ_i‖², δ_i·c (bias).
+    The very same operations on the same memory as the general path (the Gram form with
+    T = 1 on views of x and δ; ``dots`` and ``memo`` as there), without building its terms;
+    ``None`` where that path would differ (positions, non-contiguous tensors, several
+    chunks): use it then."""
+    if x.dim() != 2 or delta.dim() != 2 or x.shape[0] != size or delta.shape[0] != size:
+        return None
+    if not (x.is_contiguous() and delta.is_contiguous() and centre.is_contiguous()):
+        return None
+    if chunk is not None and chunk < size:
+        return None
+    if local == "bias":
+        if centre.shape != delta.shape[1:]:
+            return None
+        sq = delta.square().sum(1)
+        return sq, delta @ centre if dots else torch.zeros_like(sq)
+    rows, cols = delta.shape[1], x.shape[1]
+    if local != "weight" or centre.shape != (rows, cols):
+        return None
+    if max(budget or 0, MIN_BUDGET) // max(1, rows + cols) < size:  # chunked there
+        return None
+    sq = torch.linalg.vecdot(delta, delta) * _input_sq(x, memo, (0, size))
+    return sq, torch.linalg.vecdot(delta @ centre, x) if dots else torch.zeros_like(sq)
 
 
 def _gram_is_cheaper(dense: int, index: int, rows: int, cols: int, dots: bool = True) -> bool:

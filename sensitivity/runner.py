@@ -92,7 +92,7 @@ class Run:
         g = len(plan.index)
         first = next(iter(loss.values.values()))
         self.device = first.device
-        self.group_ids = plan.index.group_ids(self.device)  # the one host-to-device copy
+        self.group_ids = plan.index.group_ids(self.device)  # copied once per device, kept
         self.zeros = first.new_zeros(g)
         self.trace_sum, self.trace_var_sum = self.zeros.clone(), self.zeros.clone()
         self.names = list(loss.values)
@@ -306,7 +306,7 @@ class Run:
             rows["grad_norm"] = grad_sq.sqrt()
         if plan.noise:
             trace_sigma, trace_var, norm_var = combine_batches(self.stats)
-            sizes = self.zeros.new_tensor(index.sizes)
+            sizes = index.size_tensor(self.zeros.dtype, self.zeros.device)
             rows["grad_variance"] = trace_sigma / sizes
             rows["grad_variance_stderr"] = trace_var.sqrt() / sizes
             mean_batch = n / self.batches  # B: the noise of one batch's gradient

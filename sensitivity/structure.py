@@ -16,10 +16,12 @@ order: its qualified name, identity, class and ``training`` flag (and
 the parameter and buffer names and objects, the default groups and any resolved
 ``groups`` mapping (names, trainability, floating dtype, sizes), the devices, whether a
 BatchNorm layer uses batch statistics, which running statistics the functional loss
-leaves out, and the meta-device tensors. Tensor *values* are never cached: every call
-detaches and copies the current ones. A replaced parameter, buffer or submodule, a new
-``requires_grad``, a ``.to(...)`` (even one that swaps ``.data`` in place), a
-``train()``/``eval()`` switch all change the fingerprint and rebuild the entry.
+leaves out, where each tensor sits (the slots the functional loss writes its values into,
+:func:`~layerwise.sensitivity.functional.slot_paths`), and the meta-device tensors.
+Tensor *values* are never cached: every call detaches and copies the current ones. A
+replaced parameter, buffer or submodule, a new ``requires_grad``, a ``.to(...)`` (even one
+that swaps ``.data`` in place), a ``train()``/``eval()`` switch all change the fingerprint
+and rebuild the entry.
 Identities are only a safe key while the objects live (a new object may take a dead
 one's ``id``): the entry holds the parameters and buffers it fingerprinted (so their
 identities stay taken until the entry is replaced, at the model's next estimate) and
@@ -48,6 +50,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.parameter import is_lazy
 
+from layerwise.sensitivity.functional import SlotPath, slot_paths
 from layerwise.sensitivity.groups import GroupIndex, resolve_groups
 
 __all__ = ["ModelStructure", "model_structure"]
@@ -112,6 +115,8 @@ class ModelStructure:
             name for name, t in named if not is_lazy(t) and t.is_meta
         )
         self._groups: dict[Hashable, GroupIndex] = {}
+        #: :func:`~layerwise.sensitivity.functional.slot_paths`: where each tensor sits
+        self.slot_paths: dict[str, tuple[SlotPath, ...]] = slot_paths(model)
 
     def alive(self) -> bool:
         """Whether every fingerprinted submodule still lives (else an identity in the key may

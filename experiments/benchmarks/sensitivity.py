@@ -42,6 +42,11 @@ with BackPACK's variance. ``var-mem``: the peak memory ``var``
 allocates above what was allocated before it, over that of ``unit`` (from the memory
 events of ``torch.profiler``, a separate untimed run).
 
+**Fixed cost**: ``unit``, ``var``, ``ggn1`` and ``var-floor`` in milliseconds per call at
+batch 2 (:func:`fixed_cost`), where the passes cost little: what ``var`` costs beyond
+``var-floor`` is the estimator's fixed per-call cost, which weighs on a small model's
+``var`` at any batch size (and on every engine recalibration, ``ggn1``).
+
 Targets: ``var`` <= 2, ``var-mem`` <= 2 and ``ggn`` <= 4 on the MLPs and the CNN at batch 128;
 ``ratio`` <= 0.5, which cannot be met where ``ratio-floor`` > 0.5; ``ggn1`` about 2.
 """
@@ -409,6 +414,9 @@ COLUMNS = ["params", "unit_ms", "probe", "jvp", "vjp", "floor", "var", "var-floo
            "ratio-floor", "ratio-bp"]  # fmt: skip
 
 
+FIXED_COLUMNS = ["unit", "var", "ggn1", "var-floor"]
+
+
 def _cell(value: float | None, spec: str = "8.2f") -> str:
     width = int(spec.split(".")[0])
     return f"{'-':>{width}}" if value is None else f"{value:{spec}}"
@@ -429,6 +437,33 @@ def _accuracy_section(args: argparse.Namespace) -> None:
             print(f"{name:<10} {who:<11} {what:<46}{units:>9.2f}{errors}", flush=True)
 
 
+#: The batch of the fixed-cost table: small enough that the passes cost little beside it.
+FIXED_BATCH = 2
+
+
+def fixed_cost(name: str, repeats: int) -> dict[str, float]:
+    """Milliseconds per call at batch :data:`FIXED_BATCH` of ``unit``, ``var``, ``ggn1`` and
+    ``var-floor`` (where it applies): at that batch the passes cost little, so what ``var``
+    and ``ggn1`` cost beyond ``var-floor`` and ``unit`` is the estimator's fixed per-call
+    cost (groups, checks, hooks, the report). ``repeats`` x 40 interleaved calls each."""
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    batch = (inputs(FIXED_BATCH), torch.randint(0, 10, (FIXED_BATCH,)))
+    fns: dict[str, Callable[[], object]] = {
+        "unit": lambda: plain_pass(model, batch),
+        "var": lambda: estimate(
+            model, cross_entropy, batch, quantities=["grad_norm", "grad_variance"]
+        ),
+        "ggn1": lambda: estimate(
+            model, CROSS_ENTROPY, batch, quantities=["grad_norm", "ggn_trace"], ggn_samples=1
+        ),
+    }
+    floor = variance_floor(model, batch)
+    if floor is not None:
+        fns["var-floor"] = floor
+    return {k: v * 1e3 for k, v in interleaved_medians(fns, repeats * 40).items()}
+
+
 def _cost_section(args: argparse.Namespace) -> None:
     print(f"\n2. cost in forward+backward units (unit_ms), {args.probes} probes")
     print(f"{'model':>5} {'B':>4} " + " ".join(f"{c:>8}" for c in COLUMNS))
@@ -445,6 +480,11 @@ def _cost_section(args: argparse.Namespace) -> None:
         "report whose probes cost the floor could reach; ratio-bp: with bp-var instead of "
         "vmap."
     )
+    print(f"\nfixed cost: ms per call at batch {FIXED_BATCH}, median of {args.repeats * 40}")
+    print(f"{'model':>5} " + " ".join(f"{c:>9}" for c in FIXED_COLUMNS))
+    for name in args.models:
+        row = fixed_cost(name, args.repeats)
+        print(f"{name:>5} " + " ".join(_cell(row.get(c), "9.3f") for c in FIXED_COLUMNS))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -161,3 +161,22 @@ def test_unknown_keyword_and_bad_options_type():
         estimate(case.model, _ce, case.batch, probez=3)
     with pytest.raises(TypeError, match=r"options must be an EstimateOptions or None, got \{"):
         estimate(case.model, _ce, case.batch, options={"probes": 3})
+
+
+def test_validated_options_are_reused_but_a_bad_value_equal_to_a_good_one_still_raises():
+    """estimate() keeps options it validated, per (options, settings) with each value's type
+    in the key: ``chunk_size=True`` equals the ``1`` seen before yet is refused, and a list
+    and a tuple of the same quantities give the same options object."""
+    import importlib
+
+    estimate_module = importlib.import_module("layerwise.sensitivity.estimate")
+
+    case = mlp()
+    estimate(case.model, _ce, case.batch, quantities=["grad_norm"], chunk_size=1)
+    with pytest.raises(TypeError, match="chunk_size must be an int, got True"):
+        estimate(case.model, _ce, case.batch, quantities=["grad_norm"], chunk_size=True)
+    first = estimate_module._resolve_options(None, {"quantities": ["grad_norm"], "probes": 3})
+    again = estimate_module._resolve_options(None, {"quantities": ["grad_norm"], "probes": 3})
+    assert first is again and first == EstimateOptions(quantities=("grad_norm",), probes=3)
+    unhashable = estimate_module._resolve_options(None, {"quantities": {"grad_norm"}})
+    assert unhashable.quantities == ("grad_norm",)

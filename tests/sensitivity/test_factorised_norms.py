@@ -183,3 +183,43 @@ def test_peak_memory_is_at_most_twice_that_of_a_plain_pass(which):
     plain(), variance()  # first calls allocate what stays (caches)
     ratio = peak_memory(variance) / peak_memory(plain)
     assert ratio <= 2, ratio
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("size", "rows", "cols"), [(1, 1, 1), (2, 5, 3), (7, 16, 33)])
+def test_the_linear_shortcut_gives_the_very_same_numbers_as_the_terms(dtype, size, rows, cols):
+    """``linear_sq_norms_and_dots`` (a ``Linear`` call without positions, in the backward
+    pass) equals the general path on the layer's terms bit for bit, and declines what it
+    does not take (positions, a transposed input, several chunks)."""
+    from layerwise.sensitivity.layer_terms import LINEAR
+
+    gen = torch.Generator().manual_seed(size + rows + cols)
+    layer = nn.Linear(cols, rows).to(dtype)
+    x = torch.randn(size, cols, generator=gen, dtype=dtype)
+    delta = torch.randn(size, rows, generator=gen, dtype=dtype)
+    terms = LINEAR.terms(layer, x, delta)
+    for local, shape in (("weight", (rows, cols)), ("bias", (rows,))):
+        centre = torch.randn(shape, generator=gen, dtype=dtype)
+        fast = outer_norms.linear_sq_norms_and_dots(x, delta, local, centre, size)
+        slow = outer_norms.example_sq_norms_and_dots([terms[local]], centre, size)
+        assert fast is not None and slow is not None
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+        memo: dict = {}  # without dots, the inputs' norms kept (as the GGN's cotangents do)
+        for _ in range(2):
+            fast = outer_norms.linear_sq_norms_and_dots(
+                x, delta, local, centre, size, dots=False, memo=memo
+            )
+            slow = outer_norms.example_sq_norms_and_dots(
+                [terms[local]], centre, size, dots=False, memo={}
+            )
+            assert fast is not None and torch.equal(fast[0], slow[0])
+            assert torch.equal(fast[1], slow[1]) and not fast[1].any()
+    centre = torch.randn(rows, cols, generator=gen, dtype=dtype)
+    seq = torch.randn(size, 2, cols, dtype=dtype)
+    assert outer_norms.linear_sq_norms_and_dots(seq, delta, "weight", centre, size) is None
+    if size > 1:
+        wide = torch.randn(cols, size, dtype=dtype).t()  # not contiguous
+        assert outer_norms.linear_sq_norms_and_dots(wide, delta, "weight", centre, size) is None
+        assert (
+            outer_norms.linear_sq_norms_and_dots(x, delta, "weight", centre, size, chunk=1) is None
+        )

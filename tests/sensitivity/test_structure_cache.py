@@ -177,3 +177,41 @@ def test_kept_inputs_stop_at_the_budget(monkeypatch):
     outer_norms.example_sq_norms_and_dots([made], conv.weight.detach(), size, 1, 2, False, memo)
     assert memo["kept"] == 3 * per_example - per_example  # whole chunks of 2, within 3
     assert sorted(k for k in memo if isinstance(k, tuple)) == [("inputs", 0, 2)]
+
+
+def test_substitution_matches_functional_call_and_puts_every_slot_back():
+    """The loss writes values into the tree's slots (tied aliases and a submodule shared under
+    two names included) as ``torch.func.functional_call`` does, and puts the originals back
+    (which ``functional_call`` itself does not do for the shared submodule: it swaps that slot
+    twice and restores it once, so the reference runs on a copy)."""
+    from torch.func import functional_call
+
+    from layerwise.sensitivity.functional import FunctionalLoss
+
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(nn.Embedding(5, 3), shared, nn.Tanh(), shared, nn.Linear(3, 5, bias=False))
+    net[4].weight = net[0].weight  # tied
+    ids = torch.tensor([[1, 2], [3, 4]])
+
+    def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).square().mean()
+
+    def slots() -> list[tuple[str, int]]:
+        return [(n, id(t)) for n, t in net.named_parameters(remove_duplicate=False)]
+
+    before = slots()
+    names = [n for n, _ in net.named_parameters()]
+    values = {n: torch.randn_like(p) for n, p in net.named_parameters()}
+    for structure in (None, model_structure(net)):
+        loss = FunctionalLoss(net, loss_fn, names, structure=structure)
+        expected = functional_call(copy.deepcopy(net), values, (ids,)).square().mean()
+        assert torch.equal(loss(values, ids), expected)
+        assert slots() == before
+        with pytest.raises(RuntimeError, match="boom"):
+            FunctionalLoss(net, lambda m, b: (m(b), _raise())[1], names)(values, ids)
+        assert slots() == before
+
+
+def _raise() -> None:
+    raise RuntimeError("boom")
