@@ -95,18 +95,21 @@ def flatten_batch(batch: Any) -> tuple[list[Any], Rebuild]:
     (3, {'x': 'a', 'pair': ('b', 'c')})
     """
     leaves: list[Any] = []
-
-    def build(node: Any) -> Callable[[Iterator[Any]], Any]:
-        kids = _children(node)
-        if kids is None:
-            leaves.append(node)
-            return next
-        values, rebuild = kids
-        parts = [build(v) for v in values]
-        return lambda it: rebuild([part(it) for part in parts])
-
-    make = build(batch)
+    make = _builder(batch, leaves)
     return leaves, lambda new: make(iter(new))
+
+
+def _builder(node: Any, leaves: list[Any]) -> Callable[[Iterator[Any]], Any]:
+    """The rebuilder of ``node`` from an iterator of new leaves; its leaves into ``leaves``.
+    (A module-level function: a closure that calls itself is a reference cycle, which
+    would keep the batch alive until the garbage collector found it.)"""
+    kids = _children(node)
+    if kids is None:
+        leaves.append(node)
+        return next
+    values, rebuild = kids
+    parts = [_builder(v, leaves) for v in values]
+    return lambda it: rebuild([part(it) for part in parts])
 
 
 def map_batch(fn: Callable[[Any], Any], batch: Any) -> Any:

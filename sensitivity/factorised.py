@@ -102,7 +102,7 @@ class _Call:
         self.saved: Any = None
         #: the autograd edge of the call's output: asking a backward pass for it gives the
         #: output gradient δ (taken before any later in-place change of the output) without
-        #: running the layer's own backward
+        #: running the layer's own backward (kept when the outputs are not hooked)
         self.edge: Any = None
         self.delta: torch.Tensor | None = None
         self.made: dict[str, Any] | None = None  # the terms, once made
@@ -158,9 +158,12 @@ class _Capture:
         if not ok or output.dim() == 0 or output.shape[0] != self.size:
             self.bad.update(call.names.values())
             return
-        call.edge = get_gradient_edge(output)
         if self.hook_outputs:
             output.register_hook(call.set_delta)
+        else:  # (not both: the output's node would hold the hook, the hook the call, the
+            # call the node, a reference cycle that keeps the graph until the garbage
+            # collector finds it, and makes it run more often)
+            call.edge = get_gradient_edge(output)
         call.elements = output.numel() + _numel(call.saved)
         self.calls.append(call)
 

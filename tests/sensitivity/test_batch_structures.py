@@ -208,3 +208,26 @@ def test_token_losses_with_ignored_examples_give_exact_per_example_statistics(va
         expected = trace.item() / rows.shape[1]
         assert math.isfinite(report[g].grad_variance)
         assert report[g].grad_variance == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_flattening_a_batch_makes_no_reference_cycle():
+    """A batch flattened and rebuilt is freed by reference counting (a rebuilder that closes
+    over itself would keep the batch's tensors until the garbage collector found them)."""
+    import gc
+
+    from layerwise.sensitivity.batching import flatten_batch
+
+    batch = {"x": torch.zeros(3, 2), "pair": (torch.ones(3), [torch.arange(3), 7])}
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        leaves, rebuild = flatten_batch(batch)
+        again = rebuild(leaves)
+        del leaves, rebuild
+        found = gc.collect()
+    finally:
+        if enabled:
+            gc.enable()
+    assert again["pair"][1][1] == 7 and again["x"] is batch["x"]
+    assert found == 0, f"{found} objects in reference cycles"

@@ -223,3 +223,29 @@ def test_the_linear_shortcut_gives_the_very_same_numbers_as_the_terms(dtype, siz
         assert (
             outer_norms.linear_sq_norms_and_dots(x, delta, "weight", centre, size, chunk=1) is None
         )
+
+
+@pytest.mark.parametrize("make", CASES, ids=IDS)
+def test_the_norms_leave_no_reference_cycle(make):
+    """Everything :func:`example_norms` makes is freed by reference counting: a cycle (such
+    as a hooked output's node holding the hook, the hook its call, the call the node)
+    would keep each call's graph and saved input alive until the garbage collector ran,
+    and make it run more often. ``gc.collect()`` counts the unreachable objects it finds
+    (cases with a ``vmap`` fallback are skipped: ``torch.func`` makes cycles of its own)."""
+    import gc
+
+    case = make()
+    loss = FunctionalLoss(case.model, case.loss_fn, [n for n, _ in case.model.named_parameters()])
+    example_norms(loss, case.batch, case.size)  # warm: caches made once are not garbage
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        norms = example_norms(loss, case.batch, case.size)
+        found = gc.collect()
+    finally:
+        if enabled:
+            gc.enable()
+    if norms.fallback:  # torch.func's own transforms leave cycles (not this module's)
+        pytest.skip(f"vmap fallback for {list(norms.fallback)}")
+    assert found == 0, f"{found} objects in reference cycles"
